@@ -1,0 +1,1 @@
+"""Lightning callbacks: EMA of the noise predictor, image logging."""

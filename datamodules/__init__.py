@@ -1,0 +1,1 @@
+"""Training and evaluation data: HR folders, paired sets, Real-ESRGAN degradations, DataModule."""

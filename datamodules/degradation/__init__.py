@@ -1,0 +1,1 @@
+"""Real-ESRGAN synthetic degradation as pure batched tensor ops."""

@@ -1,0 +1,1 @@
+"""Latent LPIPS and adversarial losses."""

@@ -1,0 +1,1 @@
+"""Frozen SD-Turbo backbone, noise predictor and discriminator."""

@@ -1,0 +1,1 @@
+"""Inversion sampler, timestep/sigma conventions, tiling and colour correction."""

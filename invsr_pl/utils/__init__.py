@@ -1,0 +1,1 @@
+"""Small shared helpers (image I/O and range conversions, logging)."""

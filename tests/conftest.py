@@ -1,0 +1,28 @@
+"""Shared pytest configuration: hardware/network markers skip themselves where they cannot run."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    has_gpu = torch.cuda.is_available()
+    run_network = os.environ.get("INVSR_RUN_NETWORK", "0") == "1"
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_net = pytest.mark.skip(reason="downloads weights; set INVSR_RUN_NETWORK=1 to run")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip_gpu)
+        if "network" in item.keywords and not run_network:
+            item.add_marker(skip_net)
+
+
+@pytest.fixture(autouse=True)
+def _offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Default tests never touch the network: the Hugging Face hub is forced offline."""
+    if os.environ.get("INVSR_RUN_NETWORK", "0") != "1":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
