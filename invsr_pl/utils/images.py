@@ -1,0 +1,230 @@
+"""Image files <-> tensors: the one place in the project where value ranges and bit depths are converted.
+
+Tensors are float32 (C, H, W) in [0, 1] (C = 3 for colour, 1 for alpha); arrays are (H, W, C) numpy.
+8-bit files go through Pillow (with EXIF orientation and ICC-to-sRGB conversion); 16-bit PNGs through OpenCV
+(Pillow reduces 48/64-bit PNGs to 8 bits; OpenCV comes with pyiqa) and 16-bit TIFFs through tifffile (from
+scikit-image). A 16-bit input gives ``bit_depth`` 16 and :func:`write_image` then writes a 16-bit PNG/TIFF.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageReadError",
+    "LoadedImage",
+    "array_to_tensor",
+    "list_images",
+    "read_image",
+    "tensor_to_array",
+    "write_image",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+_EXIF_ORIENTATION = 0x0112
+
+
+class ImageReadError(ValueError):
+    """A file could not be decoded as an image (corrupt, unsupported mode or bit depth)."""
+
+
+class LoadedImage(NamedTuple):
+    """What :func:`read_image` returns; unpacks as ``image, alpha, bit_depth``."""
+
+    image: Tensor  # (3, H, W) float32 in [0, 1], RGB (grayscale is replicated to three channels)
+    alpha: Tensor | None  # (1, H, W) float32 in [0, 1], or None when the file has no alpha channel
+    bit_depth: int  # 8 or 16: bits per channel of the file
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Files directly in ``folder`` (non-recursive) whose suffix is in :data:`IMAGE_EXTENSIONS`
+    (case-insensitive), sorted by name."""
+    folder = Path(folder)
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def array_to_tensor(array: np.ndarray) -> Tensor:
+    """(H, W) or (H, W, C) uint8 / uint16 / float array -> (C, H, W) float32 tensor in [0, 1].
+
+    Integers are divided by their dtype's maximum (255 or 65535); floats are clipped to [0, 1].
+    """
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3:
+        raise ValueError(f"expected an (H, W) or (H, W, C) array, got shape {array.shape}")
+    if array.dtype == np.uint8 or array.dtype == np.uint16:
+        data = array.astype(np.float32) / np.iinfo(array.dtype).max
+    elif np.issubdtype(array.dtype, np.floating):
+        data = np.clip(array.astype(np.float32), 0.0, 1.0)
+    else:
+        raise ValueError(f"unsupported array dtype {array.dtype}; expected uint8, uint16 or float")
+    return torch.from_numpy(np.ascontiguousarray(data.transpose(2, 0, 1)))
+
+
+def tensor_to_array(tensor: Tensor, bit_depth: int | None = None) -> np.ndarray:
+    """(C, H, W) float tensor in [0, 1] -> (H, W, C) numpy array.
+
+    ``bit_depth`` None gives float32 in [0, 1]; 8 or 16 gives rounded uint8 / uint16 (clamped first).
+    """
+    if tensor.ndim != 3:
+        raise ValueError(f"expected a (C, H, W) tensor, got shape {tuple(tensor.shape)}")
+    array = tensor.detach().float().clamp(0.0, 1.0).permute(1, 2, 0).cpu().numpy()
+    if bit_depth is None:
+        return array
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
+    dtype = np.uint8 if bit_depth == 8 else np.uint16
+    return np.round(array * np.iinfo(dtype).max).astype(dtype)
+
+
+def _orient(array: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation (1..8) to an (H, W, C) array, as ``ImageOps.exif_transpose`` does."""
+    ops = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.transpose(1, 0, 2),
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: np.rot90(a, 2).transpose(1, 0, 2),
+        8: lambda a: np.rot90(a, 1),
+    }
+    return np.ascontiguousarray(ops[orientation](array)) if orientation in ops else array
+
+
+def _file_bit_depth(path: Path, im: Image.Image) -> int:
+    if im.mode.startswith("I;16") or im.mode == "I":
+        return 16
+    if im.format == "PNG":
+        with open(path, "rb") as f:
+            header = f.read(26)
+        return 16 if len(header) == 26 and header[24] == 16 else 8  # IHDR bit depth byte
+    if im.format == "TIFF":
+        bits = im.tag_v2.get(258, (8,))  # BitsPerSample
+        bits = bits if isinstance(bits, tuple) else (bits,)
+        return 16 if max(bits) == 16 else 8
+    return 8
+
+
+def _read_16bit(path: Path, im: Image.Image) -> np.ndarray:
+    """(H, W, C) uint16 pixels of a 16-bit PNG/TIFF, C in {1, 2, 3, 4}, RGB(A) channel order."""
+    if im.format == "TIFF":
+        import tifffile  # comes with scikit-image
+
+        array = tifffile.imread(path)
+        if array.ndim == 3 and array.shape[0] in (1, 2, 3, 4) and array.shape[-1] not in (1, 2, 3, 4):
+            array = array.transpose(1, 2, 0)  # planar (C, H, W) storage
+    else:
+        import cv2  # Pillow keeps only 8 of 16 bits of colour PNGs; OpenCV comes with pyiqa
+
+        array = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+        if array is None:
+            raise ImageReadError(f"cannot decode 16-bit PNG {path}")
+        if array.ndim == 3 and array.shape[2] == 3:
+            array = array[:, :, ::-1]  # BGR -> RGB
+        elif array.ndim == 3 and array.shape[2] == 4:
+            array = array[:, :, [2, 1, 0, 3]]  # BGRA -> RGBA
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.dtype != np.uint16 or array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
+        raise ImageReadError(f"unsupported 16-bit layout in {path}: dtype {array.dtype}, shape {array.shape}")
+    return array
+
+
+def _to_srgb(im: Image.Image) -> Image.Image:
+    """Convert an embedded ICC profile to sRGB, so that colours survive (USERS_AND_PEERS §1.1 #54)."""
+    icc = im.info.get("icc_profile")
+    if not icc or im.mode not in ("RGB", "RGBA", "CMYK", "L"):
+        return im
+    try:
+        out_mode = "RGBA" if im.mode == "RGBA" else "RGB"
+        src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        return ImageCms.profileToProfile(im, src, ImageCms.createProfile("sRGB"), outputMode=out_mode)
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return im  # a broken profile: keep the pixels as they are
+
+
+def read_image(path: str | Path) -> LoadedImage:
+    """Read an image file into ``(image (3, H, W), alpha (1, H, W) | None, bit_depth)``, float32 in [0, 1].
+
+    Handles png/jpg/jpeg/bmp/webp/tif/tiff; RGB, grayscale (replicated to 3 channels), palette, gray+alpha and
+    RGBA (alpha returned separately); 8-bit and 16-bit (divided by 65535) PNG/TIFF. EXIF orientation is
+    applied and 8-bit images with an ICC profile are converted to sRGB. Raises :class:`ImageReadError` on
+    failure.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1))
+            if _file_bit_depth(path, im) == 16:
+                array, bit_depth = _orient(_read_16bit(path, im), orientation), 16
+            else:
+                im = ImageOps.exif_transpose(im)
+                if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                    im = im.convert("RGBA")
+                elif im.mode == "F":
+                    im = im.convert("L")
+                elif im.mode not in ("RGB", "CMYK", "L"):
+                    im = im.convert("RGB")
+                im = _to_srgb(im)
+                im = im if im.mode in ("RGB", "RGBA") else im.convert("RGB")
+                array, bit_depth = np.asarray(im), 8
+    except ImageReadError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageReadError(f"cannot read image {path}: {err}") from err
+    channels = array.shape[2] if array.ndim == 3 else 1
+    if array.ndim == 2:
+        array = array[:, :, None]
+    color, alpha = (array[:, :, :-1], array[:, :, -1:]) if channels in (2, 4) else (array, None)
+    if color.shape[2] == 1:
+        color = np.repeat(color, 3, axis=2)
+    return LoadedImage(array_to_tensor(color), None if alpha is None else array_to_tensor(alpha), bit_depth)
+
+
+def write_image(path: str | Path, image: Tensor, alpha: Tensor | None = None, bit_depth: int = 8) -> None:
+    """Write ``image`` (3, H, W) float in [0, 1] (clamped, rounded), optional ``alpha`` (1, H, W) to ``path``.
+
+    The format follows the suffix. ``bit_depth`` 16 needs .png or .tif/.tiff; 8 works for every suffix in
+    :data:`IMAGE_EXTENSIONS` (JPEG/BMP cannot carry alpha: a clear error). Parent folders are created.
+    """
+    path = Path(path)
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected image of shape (3, H, W), got {tuple(image.shape)}")
+    if alpha is not None and (alpha.ndim != 3 or alpha.shape[0] != 1 or alpha.shape[1:] != image.shape[1:]):
+        raise ValueError(
+            f"alpha must have shape (1, {image.shape[1]}, {image.shape[2]}), got {tuple(alpha.shape)}"
+        )
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_EXTENSIONS:
+        raise ValueError(f"unsupported output suffix {suffix!r}; use one of {', '.join(IMAGE_EXTENSIONS)}")
+    if alpha is not None and suffix in (".jpg", ".jpeg", ".bmp"):
+        raise ValueError(f"{suffix} cannot store an alpha channel; write .png, .webp or .tif instead")
+    data = image if alpha is None else torch.cat([image.float(), alpha.float()], dim=0)
+    array = tensor_to_array(data, bit_depth)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if bit_depth == 8:
+        Image.fromarray(array).save(path)  # (H, W, 3) -> RGB, (H, W, 4) -> RGBA
+    elif suffix == ".png":
+        import cv2
+
+        bgr = array[:, :, [2, 1, 0, 3]] if alpha is not None else array[:, :, ::-1]
+        ok, encoded = cv2.imencode(".png", np.ascontiguousarray(bgr))
+        if not ok:
+            raise OSError(f"OpenCV could not encode {path}")
+        path.write_bytes(encoded.tobytes())
+    elif suffix in (".tif", ".tiff"):
+        import tifffile
+
+        tifffile.imwrite(
+            path, array, photometric="rgb", extrasamples=("unassalpha",) if alpha is not None else None
+        )
+    else:
+        raise ValueError(f"16-bit output needs a .png or .tif/.tiff path, got {path.name}")
