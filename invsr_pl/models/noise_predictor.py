@@ -1,0 +1,326 @@
+"""NoisePredictor: LR image (+ diffusion index) -> Gaussian over the inversion noise (INVSR_REFERENCE §1).
+
+The only trained generator of InvSR. A time-aware convolutional encoder, assembled from upstream diffusers
+blocks (``Timesteps``, ``TimestepEmbedding``, ``get_down_block("AttnDownBlock2D")``, ``UNetMidBlock2D``), maps
+the LR image at its native resolution to ``2 * latent_channels`` maps (mean, logvar) on the SD latent grid of
+the SR image. Attribute names follow the released checkpoint so that ``noise_predictor_sd_turbo_v5.pth``
+(164 tensors, keys ``encoder.*``) loads with strict key matching.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+# INVSR_REFERENCE §1.1 / §7.4: DDP and torch.compile wrappers prefix the keys of saved state dicts.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_NORM_EPS = 1e-6  # INVSR_REFERENCE §1.2: GroupNorm eps 1e-6 everywhere (resnets, attention, head)
+
+
+class _TimeAwareEncoder(nn.Module):
+    """The encoder body; attribute names match the official ``TimeAwareEncoder`` (INVSR_REFERENCE §1.2)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        block_out_channels: Sequence[int],
+        layers_per_block: Sequence[int],
+        attention_head_dim: int,
+        norm_num_groups: int,
+        temb_channels: int,
+        mid_block_add_attention: bool,
+    ) -> None:
+        super().__init__()
+        # INVSR_REFERENCE §1.2: sinusoid width max(128, C0) (256 for the paper), flip_sin_to_cos, shift 0.
+        proj_dim = max(128, block_out_channels[0])
+        self.time_proj = Timesteps(proj_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(proj_dim, temb_channels)
+        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], kernel_size=3, padding=1)
+
+        self.down_blocks = nn.ModuleList()
+        prev = block_out_channels[0]
+        for i, (width, layers) in enumerate(zip(block_out_channels, layers_per_block, strict=True)):
+            is_final = i == len(block_out_channels) - 1
+            self.down_blocks.append(
+                get_down_block(
+                    "AttnDownBlock2D",
+                    num_layers=layers,
+                    in_channels=prev,
+                    out_channels=width,
+                    temb_channels=temb_channels,
+                    add_downsample=not is_final,
+                    resnet_eps=_NORM_EPS,
+                    resnet_act_fn="silu",
+                    resnet_groups=norm_num_groups,
+                    attention_head_dim=attention_head_dim,
+                    # INVSR_REFERENCE §1.2: padding 0 = zero-pad (0,1,0,1) then a stride-2 3x3 conv.
+                    downsample_padding=0,
+                    resnet_time_scale_shift="default",
+                )
+            )
+            prev = width
+
+        self.mid_block = UNetMidBlock2D(
+            in_channels=prev,
+            temb_channels=temb_channels,
+            resnet_eps=_NORM_EPS,
+            resnet_act_fn="silu",
+            output_scale_factor=1.0,
+            resnet_time_scale_shift="default",
+            attention_head_dim=attention_head_dim,
+            resnet_groups=norm_num_groups,
+            add_attention=mid_block_add_attention,
+        )
+        self.conv_norm_out = nn.GroupNorm(norm_num_groups, prev, eps=_NORM_EPS)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(prev, out_channels, kernel_size=3, padding=1)
+
+    def forward(self, x: Tensor, index: Tensor) -> Tensor:
+        """``x`` (B, C_in, h, w) in [-1, 1], ``index`` (B,) int64 -> (B, out_channels, h/2^s, w/2^s)."""
+        # The sinusoid is float32; cast to the MLP's dtype as the official does (INVSR_REFERENCE §1.2).
+        t_feat = self.time_proj(index).to(self.time_embedding.linear_1.weight.dtype)
+        temb = self.time_embedding(t_feat)  # (B, temb_channels); enters only through the resnets
+        h = self.conv_in(x)
+        for block in self.down_blocks:
+            h, _ = block(h, temb)  # residuals are for a UNet decoder, unused here (INVSR_REFERENCE §1.1)
+        h = self.mid_block(h, temb)
+        return self.conv_out(self.conv_act(self.conv_norm_out(h)))
+
+
+def _down_stages(scale: int, vae_scale_factor: int) -> int:
+    """Number of x2 downsamplers taking the LR grid onto the SD latent grid of the x``scale`` SR image."""
+    for name, value in (("scale", scale), ("vae_scale_factor", vae_scale_factor)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    ratio = vae_scale_factor / scale
+    stages = round(math.log2(ratio)) if ratio >= 1 else -1
+    if stages < 0 or 2**stages * scale != vae_scale_factor:
+        raise ValueError(
+            f"scale={scale} does not line up with vae_scale_factor={vae_scale_factor}: the LR image must "
+            f"reach the latent grid (SR size / {vae_scale_factor}) by x2 downsampling, so "
+            "vae_scale_factor / scale must be a power of two >= 1 (scale 1, 2, 4 or 8 for an SD VAE)"
+        )
+    return stages
+
+
+class NoisePredictor(nn.Module):
+    """Predicts the noise that inverts the LR image onto the diffusion trajectory (INVSR_REFERENCE §1).
+
+    Defaults are the paper's configuration (33,837,576 parameters). The number of x2 downsampling stages is
+    ``log2(vae_scale_factor / scale)`` (x4: 1, x2: 2, x8: 0); ``block_out_channels`` needs one width per stage
+    plus one.
+
+    Args:
+        in_channels: image channels (3).
+        latent_channels: SD latent channels (4); the network outputs twice that (mean, logvar).
+        block_out_channels: width of each AttnDownBlock2D; length must be ``stages + 1``.
+        layers_per_block: resnet+attention pairs per block (an int for all blocks, or one per block).
+        attention_head_dim: channels per attention head (every width must be divisible by it).
+        norm_num_groups: GroupNorm groups (every width must be divisible by it).
+        temb_channels: width of the timestep embedding.
+        mid_block_add_attention: self-attention in the mid block.
+        scale: super-resolution factor (SR size = scale * LR size).
+        vae_scale_factor: spatial factor of the backbone VAE (8 for SD).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        latent_channels: int = 4,
+        block_out_channels: Sequence[int] = (256, 512),
+        layers_per_block: int | Sequence[int] = 3,
+        attention_head_dim: int = 64,
+        norm_num_groups: int = 32,
+        temb_channels: int = 512,
+        mid_block_add_attention: bool = True,
+        scale: int = 4,
+        vae_scale_factor: int = 8,
+    ) -> None:
+        super().__init__()
+        stages = _down_stages(scale, vae_scale_factor)
+        widths = [int(c) for c in block_out_channels]
+        if len(widths) != stages + 1:
+            raise ValueError(
+                f"block_out_channels has {len(widths)} entries {widths}, but scale={scale} with "
+                f"vae_scale_factor={vae_scale_factor} needs {stages} downsampling stage(s), "
+                f"i.e. {stages + 1} widths"
+            )
+        if isinstance(layers_per_block, int):
+            layers = [layers_per_block] * len(widths)
+        else:
+            layers = [int(n) for n in layers_per_block]
+        if len(layers) != len(widths) or any(n < 1 for n in layers):
+            raise ValueError(
+                f"layers_per_block {layers_per_block} must be a positive int or one positive int per block "
+                f"({len(widths)} blocks)"
+            )
+        for w in widths:
+            if w % norm_num_groups or w % attention_head_dim:
+                raise ValueError(
+                    f"block width {w} must be divisible by norm_num_groups={norm_num_groups} and "
+                    f"attention_head_dim={attention_head_dim}"
+                )
+        self.config: dict[str, Any] = {
+            "in_channels": in_channels,
+            "latent_channels": latent_channels,
+            "block_out_channels": widths,
+            "layers_per_block": layers if not isinstance(layers_per_block, int) else layers_per_block,
+            "attention_head_dim": attention_head_dim,
+            "norm_num_groups": norm_num_groups,
+            "temb_channels": temb_channels,
+            "mid_block_add_attention": mid_block_add_attention,
+            "scale": scale,
+            "vae_scale_factor": vae_scale_factor,
+        }
+        self.scale = scale
+        self.num_down_stages = stages
+        self.in_channels = in_channels
+        self.latent_channels = latent_channels
+        self.encoder = _TimeAwareEncoder(
+            in_channels=in_channels,
+            out_channels=2 * latent_channels,  # INVSR_REFERENCE §1.1: double_z -> mean and logvar
+            block_out_channels=widths,
+            layers_per_block=layers,
+            attention_head_dim=attention_head_dim,
+            norm_num_groups=norm_num_groups,
+            temb_channels=temb_channels,
+            mid_block_add_attention=mid_block_add_attention,
+        )
+
+    def forward(self, lr: Tensor, index: int | Tensor) -> DiagonalGaussianDistribution:
+        """Gaussian over the start noise for the LR image at diffusion index ``index``.
+
+        Args:
+            lr: ``(B, in_channels, h, w)`` float LR image in [0, 1]; ``h`` and ``w`` divisible by
+                ``2 ** num_down_stages`` (2 for x4).
+            index: diffusion index (user timestep - 1, e.g. 199 for t=200): int, 0-d tensor, or ``(B,)`` /
+                ``(1,)`` integer tensor; broadcast to the batch.
+
+        Returns:
+            diffusers ``DiagonalGaussianDistribution`` with float32 ``mean``/``logvar``/``std`` of shape
+            ``(B, latent_channels, h * scale / vae_scale_factor, w * scale / vae_scale_factor)``; logvar
+            clamped to [-30, 20]. ``.sample(generator)`` is the reparameterised (differentiable) draw.
+        """
+        if lr.ndim != 4 or lr.shape[1] != self.in_channels:
+            raise ValueError(f"lr must be (B, {self.in_channels}, h, w), got {tuple(lr.shape)}")
+        factor = 2**self.num_down_stages
+        if lr.shape[-2] % factor or lr.shape[-1] % factor:
+            raise ValueError(
+                f"LR size {tuple(lr.shape[-2:])} must be divisible by {factor} (2 ** {self.num_down_stages} "
+                f"downsampling stages for scale={self.scale}); pad the LR image first"
+            )
+        batch = lr.shape[0]
+        idx = torch.as_tensor(index, device=lr.device)
+        if idx.is_floating_point() or idx.ndim > 1 or (idx.ndim == 1 and idx.shape[0] not in (1, batch)):
+            raise ValueError(
+                f"index must be an int or an integer tensor of shape () / (1,) / ({batch},), got {index!r}"
+            )
+        idx = idx.reshape(-1).expand(batch).to(torch.long)
+        x = (
+            lr.to(self.encoder.conv_in.weight.dtype) * 2.0 - 1.0
+        )  # INVSR_REFERENCE §1.1: centre [0,1] -> [-1,1]
+        moments = self.encoder(x, idx)  # (B, 2 * latent_channels, h', w')
+        # fp32 moments so that std/sample are exact even under autocast; logvar clamp happens in the class.
+        return DiagonalGaussianDistribution(moments.float())
+
+    # ---------------------------------------------------------------- checkpoints
+
+    @staticmethod
+    def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+        """Read a checkpoint file without unpickling arbitrary objects.
+
+        ``.safetensors`` files are read with safetensors; anything else with
+        ``torch.load(weights_only=True)``. A ``{"state_dict": ...}`` wrapper is unwrapped and ``module.`` /
+        ``_orig_mod.`` key prefixes are stripped (INVSR_REFERENCE §7.4).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"noise predictor checkpoint not found: {path}")
+        if path.suffix == ".safetensors":
+            raw: Any = load_file(str(path), device="cpu")
+        else:
+            raw = torch.load(str(path), map_location="cpu", weights_only=True)
+        if isinstance(raw, Mapping) and "state_dict" in raw and isinstance(raw["state_dict"], Mapping):
+            raw = raw["state_dict"]
+        if not isinstance(raw, Mapping) or not all(isinstance(v, Tensor) for v in raw.values()):
+            raise ValueError(f"{path} does not hold a state dict of tensors (got {type(raw).__name__})")
+        out: dict[str, Tensor] = {}
+        for key, value in raw.items():
+            stripped = True
+            while stripped:
+                stripped = False
+                for prefix in _WRAPPER_PREFIXES:
+                    if key.startswith(prefix):
+                        key, stripped = key[len(prefix) :], True
+            out[key] = value
+        return out
+
+    def load_checkpoint(self, path: str | Path) -> NoisePredictor:
+        """Load a released ``.pth`` or a ``.safetensors`` file with strict key and shape matching.
+
+        Raises:
+            RuntimeError: missing, unexpected or wrongly shaped keys (the message lists them and the config).
+        """
+        state = self.read_state_dict(path)
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        mismatched = [
+            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in own
+            if k in state and state[k].shape != own[k].shape
+        ]
+        if missing or unexpected or mismatched:
+
+            def head(items: list[str]) -> str:
+                return ", ".join(items[:5]) + (f" ... (+{len(items) - 5} more)" if len(items) > 5 else "")
+
+            raise RuntimeError(
+                f"checkpoint {path} does not match NoisePredictor({self.config}): "
+                f"{len(missing)} missing [{head(missing)}], "
+                f"{len(unexpected)} unexpected [{head(unexpected)}], "
+                f"{len(mismatched)} shape mismatches [{head(mismatched)}]"
+            )
+        self.load_state_dict(state, strict=True)
+        return self
+
+    @classmethod
+    def from_official(cls, path: str | Path, **ctor_kwargs: Any) -> NoisePredictor:
+        """Build with ``ctor_kwargs`` (paper config by default) and load a released checkpoint strictly.
+
+        Args:
+            path: e.g. ``noise_predictor_sd_turbo_v5.pth`` (fp32 OrderedDict, 164 tensors ``encoder.*``).
+        """
+        return cls(**ctor_kwargs).load_checkpoint(path)
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write ``model.safetensors`` (fp32 weights) and ``config.json`` (ctor kwargs) into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        (folder / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> NoisePredictor:
+        """Rebuild from a folder written by :meth:`save_pretrained` (strict load)."""
+        folder = Path(folder)
+        config_path = folder / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{config_path} not found; expected a folder written by save_pretrained")
+        config = json.loads(config_path.read_text())
+        return cls(**config).load_checkpoint(folder / WEIGHTS_NAME)

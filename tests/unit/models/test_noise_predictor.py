@@ -1,0 +1,178 @@
+"""NoisePredictor: paper layout vs the released checkpoint, shapes per scale, gradients, checkpoint I/O."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from invsr_pl.models.noise_predictor import NoisePredictor
+
+OFFICIAL = Path("/work/shared/reference/official_state_dicts.json")
+SMALL = {"block_out_channels": (32, 32), "attention_head_dim": 8, "norm_num_groups": 8, "temb_channels": 32}
+
+
+def small(**overrides) -> NoisePredictor:
+    torch.manual_seed(0)
+    kwargs = {**SMALL, "layers_per_block": 1, **overrides}
+    return NoisePredictor(**kwargs)
+
+
+def _official_layout() -> dict[str, list[int]]:
+    if not OFFICIAL.is_file():
+        pytest.skip(f"{OFFICIAL} not available")
+    return json.loads(OFFICIAL.read_text())["noise_predictor"]
+
+
+def test_paper_config_matches_released_checkpoint_layout() -> None:
+    model = NoisePredictor()
+    assert sum(p.numel() for p in model.parameters()) == 33_837_576  # INVSR_REFERENCE §1.2
+    layout = {k: list(v.shape) for k, v in model.state_dict().items()}
+    official = _official_layout()
+    assert len(layout) == 164
+    assert layout == official
+
+
+@pytest.mark.parametrize(
+    ("scale", "widths", "lr", "latent"),
+    [(4, (32, 32), 16, 8), (2, (32, 32, 32), 16, 4), (8, (32,), 8, 8), (1, (32, 32, 32, 32), 16, 2)],
+)
+def test_output_shapes_per_scale(scale: int, widths: tuple[int, ...], lr: int, latent: int) -> None:
+    model = small(scale=scale, block_out_channels=widths)
+    assert model.num_down_stages == len(widths) - 1
+    with torch.no_grad():
+        dist = model(torch.rand(2, 3, lr, lr), 199)
+    assert isinstance(dist, DiagonalGaussianDistribution)
+    assert dist.mean.shape == (2, 4, latent, latent) and dist.mean.dtype == torch.float32
+    assert dist.std.shape == dist.mean.shape
+    assert float(dist.logvar.min()) >= -30 and float(dist.logvar.max()) <= 20
+    assert dist.sample().shape == (2, 4, latent, latent)
+
+
+def test_index_forms_broadcast_and_matter() -> None:
+    model = small()
+    lr = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        a = model(lr, 199).mean
+        b = model(lr, torch.tensor(199)).mean
+        c = model(lr, torch.tensor([199])).mean
+        d = model(lr, torch.tensor([199, 199])).mean
+        e = model(lr, torch.tensor([199, 49])).mean
+    for other in (b, c, d):
+        torch.testing.assert_close(a, other)
+    torch.testing.assert_close(a[0], e[0])
+    assert not torch.allclose(a[1], e[1])  # the timestep reaches the output
+    with pytest.raises(ValueError, match="index"):
+        model(lr, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="index"):
+        model(lr, torch.tensor(199.0))
+
+
+def test_sample_is_deterministic_with_generator() -> None:
+    model = small()
+    with torch.no_grad():
+        dist = model(torch.rand(1, 3, 8, 8), 199)
+    s1 = dist.sample(generator=torch.Generator().manual_seed(3))
+    s2 = dist.sample(generator=torch.Generator().manual_seed(3))
+    s3 = dist.sample(generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(s1, s2)
+    assert not torch.allclose(s1, s3)
+
+
+def test_gradient_reaches_every_parameter() -> None:
+    model = small(layers_per_block=(1, 2))
+    dist = model(torch.rand(2, 3, 8, 8), torch.tensor([199, 99]))
+    loss = dist.sample(generator=torch.Generator().manual_seed(0)).square().mean() + dist.logvar.mean()
+    loss.backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert no_grad == []
+    assert all(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"scale": 3}, "scale=3"),
+        ({"scale": 16}, "scale=16"),
+        ({"scale": 0}, "positive int"),
+        ({"scale": 2}, r"block_out_channels has 2 entries.*3 widths"),
+        ({"block_out_channels": (32,)}, r"block_out_channels has 1 entries.*2 widths"),
+        ({"block_out_channels": (32, 36)}, "divisible"),
+        ({"layers_per_block": (1, 1, 1)}, "layers_per_block"),
+    ],
+)
+def test_geometry_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        small(**kwargs)
+
+
+def test_input_errors() -> None:
+    model = small(scale=2, block_out_channels=(32, 32, 32))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        model(torch.rand(1, 3, 10, 12), 199)
+    with pytest.raises(ValueError, match=r"\(B, 3, h, w\)"):
+        model(torch.rand(1, 4, 8, 8), 199)
+
+
+def test_official_checkpoint_roundtrip(tmp_path: Path) -> None:
+    src = small()
+    # A released file: state_dict wrapper, DDP and compile prefixes, fp32 tensors (INVSR_REFERENCE §7.4).
+    wrapped = {"state_dict": {f"module._orig_mod.{k}": v for k, v in src.state_dict().items()}}
+    path = tmp_path / "noise_predictor.pth"
+    torch.save(wrapped, path)
+    loaded = NoisePredictor.from_official(path, layers_per_block=1, **SMALL)
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v)
+    lr = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(lr, 199).mean, src(lr, 199).mean)
+
+
+def test_official_checkpoint_key_errors(tmp_path: Path) -> None:
+    state = small().state_dict()
+    missing = dict(state)
+    missing.pop("encoder.conv_out.bias")
+    torch.save(missing, tmp_path / "missing.pth")
+    with pytest.raises(RuntimeError, match=r"1 missing \[encoder.conv_out.bias\]"):
+        NoisePredictor.from_official(tmp_path / "missing.pth", layers_per_block=1, **SMALL)
+    extra = {**state, "encoder.quant_conv.weight": torch.zeros(1)}
+    torch.save(extra, tmp_path / "extra.pth")
+    with pytest.raises(RuntimeError, match=r"1 unexpected \[encoder.quant_conv.weight\]"):
+        NoisePredictor.from_official(tmp_path / "extra.pth", layers_per_block=1, **SMALL)
+    torch.save(state, tmp_path / "full.pth")
+    with pytest.raises(RuntimeError, match=r"2 shape mismatches \[encoder.conv_out"):
+        NoisePredictor.from_official(
+            tmp_path / "full.pth", layers_per_block=1, **{**SMALL, "latent_channels": 3}
+        )
+    with pytest.raises(FileNotFoundError):
+        NoisePredictor.from_official(tmp_path / "nope.pth")
+
+
+def test_refuses_pickled_objects(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": small().state_dict(), "extra": object.__new__(_Marker)}, path)
+    with pytest.raises(Exception, match="(?i)weights only|unsupported|global"):
+        NoisePredictor.from_official(path, layers_per_block=1, **SMALL)
+
+
+class _Marker:
+    pass
+
+
+def test_save_and_from_pretrained(tmp_path: Path) -> None:
+    src = small(scale=2, block_out_channels=(32, 32, 32), layers_per_block=(1, 2, 1))
+    folder = src.save_pretrained(tmp_path / "np")
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    config = json.loads((folder / "config.json").read_text())
+    assert config["scale"] == 2 and config["block_out_channels"] == [32, 32, 32]
+    loaded = NoisePredictor.from_pretrained(folder)
+    lr = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(lr, 10).mean, src(lr, 10).mean)
+    # The safetensors file also loads directly.
+    NoisePredictor(**config).load_checkpoint(folder / "model.safetensors")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        NoisePredictor.from_pretrained(tmp_path)
