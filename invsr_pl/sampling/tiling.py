@@ -138,7 +138,7 @@ def tiled_map(
     ys, xs = patch_starts(h, patch_size, stride), patch_starts(w, patch_size, stride)
     boxes = [(i, y, xx) for i in range(b) for y in ys for xx in xs]
     if len(boxes) == b:  # one patch per image: no blending needed
-        return fn(x).float()
+        return torch.cat([fn(chunk).float() for chunk in x.split(batch_size)])
 
     hp = scale * patch_size
     acc_dtype = _accumulation_dtype(x.device)

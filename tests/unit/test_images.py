@@ -1,0 +1,130 @@
+"""Image files <-> tensors: 8/16-bit, gray, RGBA, EXIF orientation, corrupt files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+import tifffile
+import torch
+from PIL import Image, ImageOps
+
+from invsr_pl.utils.images import (
+    ImageReadError,
+    array_to_tensor,
+    list_images,
+    read_image,
+    tensor_to_array,
+    write_image,
+)
+
+
+@pytest.fixture(scope="module")
+def coffee() -> np.ndarray:
+    return skimage.data.coffee()[:48, :64]  # (48, 64, 3) uint8
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".webp", ".tif"])
+def test_rgb_8bit_round_trip(tmp_path: Path, coffee: np.ndarray, suffix: str) -> None:
+    path = tmp_path / f"img{suffix}"
+    Image.fromarray(coffee).save(path, **({"quality": 100} if suffix in (".jpg", ".webp") else {}))
+    image, alpha, bit_depth = read_image(path)
+    assert image.shape == (3, 48, 64) and image.dtype == torch.float32 and alpha is None and bit_depth == 8
+    assert image.min() >= 0 and image.max() <= 1
+    lossy = suffix in (".jpg", ".webp")
+    np.testing.assert_allclose(tensor_to_array(image, 8), coffee, atol=40 if lossy else 0)
+    out = tmp_path / f"out{suffix}"
+    write_image(out, image)
+    assert read_image(out).image.shape == (3, 48, 64)
+
+
+def test_gray_becomes_three_equal_channels(tmp_path: Path) -> None:
+    camera = skimage.data.camera()[:40, :50]
+    Image.fromarray(camera).save(tmp_path / "gray.png")
+    image, alpha, bit_depth = read_image(tmp_path / "gray.png")
+    assert image.shape == (3, 40, 50) and alpha is None and bit_depth == 8
+    assert torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])
+    assert torch.equal(image[0], torch.from_numpy(camera).float() / 255)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_alpha_is_returned_and_written_back(tmp_path: Path, coffee: np.ndarray, mode: str) -> None:
+    rgba = np.dstack([coffee, np.linspace(0, 255, 64, dtype=np.uint8)[None].repeat(48, 0)])
+    Image.fromarray(rgba).convert(mode).save(tmp_path / "a.png")
+    image, alpha, _ = read_image(tmp_path / "a.png")
+    assert image.shape == (3, 48, 64) and alpha is not None and alpha.shape == (1, 48, 64)
+    assert torch.equal(alpha[0], torch.from_numpy(rgba[..., 3]).float() / 255)
+    write_image(tmp_path / "b.png", image, alpha)
+    _, alpha2, _ = read_image(tmp_path / "b.png")
+    assert alpha2 is not None and torch.equal(alpha2, alpha)
+    with pytest.raises(ValueError, match="alpha"):
+        write_image(tmp_path / "b.jpg", image, alpha)
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+@pytest.mark.parametrize("with_alpha", [False, True])
+def test_16bit_is_read_exactly_and_written_as_16bit(tmp_path: Path, suffix: str, with_alpha: bool) -> None:
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.integers(0, 65536, (3, 20, 30)).astype(np.float32) / 65535)
+    alpha = (
+        torch.from_numpy(rng.integers(0, 65536, (1, 20, 30)).astype(np.float32) / 65535)
+        if with_alpha
+        else None
+    )
+    write_image(tmp_path / f"x{suffix}", image, alpha, bit_depth=16)
+    got, got_alpha, bit_depth = read_image(tmp_path / f"x{suffix}")
+    assert bit_depth == 16
+    torch.testing.assert_close(got, image, atol=1e-7, rtol=0)
+    assert (got_alpha is None) == (alpha is None)
+    if alpha is not None:
+        torch.testing.assert_close(got_alpha, alpha, atol=1e-7, rtol=0)
+
+
+def test_16bit_gray_png_and_tiff_from_other_writers(tmp_path: Path) -> None:
+    gray = (np.random.default_rng(1).random((16, 24)) * 65535).astype(np.uint16)
+    Image.fromarray(gray).save(tmp_path / "g.png")
+    tifffile.imwrite(tmp_path / "g.tif", gray)
+    for name in ("g.png", "g.tif"):
+        image, _, bit_depth = read_image(tmp_path / name)
+        assert bit_depth == 16 and image.shape == (3, 16, 24)
+        torch.testing.assert_close(
+            image[1], torch.from_numpy(gray.astype(np.float32) / 65535), atol=1e-7, rtol=0
+        )
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied(tmp_path: Path, coffee: np.ndarray, orientation: int) -> None:
+    im = Image.fromarray(coffee)
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    path = tmp_path / "o.jpg"
+    im.save(path, exif=exif, quality=95)
+    want = np.asarray(ImageOps.exif_transpose(Image.open(path)))
+    got = read_image(path).image
+    assert got.shape == (3, *want.shape[:2])
+    np.testing.assert_array_equal(tensor_to_array(got, 8), want)
+
+
+def test_corrupt_file_raises_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
+    with pytest.raises(ImageReadError, match="bad.png"):
+        read_image(bad)
+    (tmp_path / "text.jpg").write_text("not an image")
+    with pytest.raises(ImageReadError, match="text.jpg"):
+        read_image(tmp_path / "text.jpg")
+
+
+def test_array_conversions_and_listing(tmp_path: Path) -> None:
+    assert torch.equal(array_to_tensor(np.full((2, 3), 255, np.uint8)), torch.ones(1, 2, 3))
+    assert torch.equal(array_to_tensor(np.full((2, 3, 3), 65535, np.uint16)), torch.ones(3, 2, 3))
+    assert tensor_to_array(torch.full((3, 2, 2), 2.0), 16).max() == 65535
+    with pytest.raises(ValueError):
+        array_to_tensor(np.zeros((2, 2), np.int32))
+    for name in ("b.PNG", "a.jpeg", "c.txt", "d.tiff"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "e.png").write_bytes(b"")
+    assert [p.name for p in list_images(tmp_path)] == ["a.jpeg", "b.PNG", "d.tiff"]
