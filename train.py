@@ -1,0 +1,91 @@
+"""Train InvSR with Lightning + Hydra.
+
+    python train.py experiment=quickstart                  # tiny backbone, sample photos, CPU, minutes
+    python train.py experiment=invsr_x4 trainer=ddp        # the paper recipe on 4 GPUs
+    python train.py experiment=invsr_x4 ckpt_path=last     # continue the latest run of that task
+    python train.py -m experiment=smoke model.gan_weight=0,0.1   # a sweep, one run folder per job
+
+``train(cfg)`` is the testable task; ``main`` is the Hydra shell that returns ``cfg.optimized_metric``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as L
+import torch
+from omegaconf import DictConfig
+
+from invsr_pl.utils.instantiate import (
+    instantiate_callbacks,
+    instantiate_loggers,
+    instantiate_trainer,
+    metric_value,
+    resolve_ckpt_path,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    """Scalar metrics as plain floats (tensors from callback_metrics included)."""
+    return {k: float(v) for k, v in metrics.items() if not isinstance(v, torch.Tensor) or v.numel() == 1}
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Build everything from ``cfg``, fit (optionally resuming), optionally test.
+
+    Returns:
+        metrics: ``trainer.callback_metrics`` after fit (and test) as floats, e.g. ``val/psnr_1step``.
+        objects: ``cfg``, ``datamodule``, ``model``, ``callbacks``, ``loggers``, ``trainer``, ``ckpt_path``.
+    """
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 as in the reference (INVSR_REFERENCE §4.5)
+
+    log.info("Instantiating datamodule <%s>", cfg.data._target_)
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    log.info("Instantiating model <%s>", cfg.model._target_)
+    model: L.LightningModule = hydra.utils.instantiate(cfg.model)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer = instantiate_trainer(cfg.trainer, callbacks=callbacks, loggers=loggers)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name)
+    objects: dict[str, Any] = {
+        "cfg": cfg,
+        "datamodule": datamodule,
+        "model": model,
+        "callbacks": callbacks,
+        "loggers": loggers,
+        "trainer": trainer,
+        "ckpt_path": ckpt_path,
+    }
+
+    metrics: dict[str, float] = {}
+    if cfg.get("train", True):
+        trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics.update(_floats(trainer.callback_metrics))
+        last = getattr(trainer.checkpoint_callback, "last_model_path", "")
+        if last:
+            log.info("Last checkpoint: %s", last)
+    if cfg.get("test", False):
+        # after fit: the weights in memory (EMA swapped in by its callback); test-only: the given checkpoint
+        trainer.test(
+            model=model, datamodule=datamodule, ckpt_path=None if cfg.get("train", True) else ckpt_path
+        )
+        metrics.update(_floats(trainer.callback_metrics))
+    return metrics, objects
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> float | None:
+    metrics, _ = train(cfg)
+    return metric_value(metrics, cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()
