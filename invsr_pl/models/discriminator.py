@@ -1,0 +1,368 @@
+"""LatentDiscriminator: InvSR's timestep- and text-conditioned UNet discriminator on SD latents.
+
+The network is an SD-style UNet (INVSR_REFERENCE §2) composed from upstream diffusers blocks, with three
+changes: no output head, a second "multi-in" stem whose features are re-injected before every down block,
+and four "multi-out" logit heads (one on the mid block, one after each up block). The paper configuration is
+the constructor default and has the state-dict layout of the released ``discriminator_sd_turbo_v5.pth``, so
+``LatentDiscriminator.from_official(path)`` loads it strictly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import TextTimeEmbedding, TimestepEmbedding, Timesteps
+from diffusers.models.unets.unet_2d_blocks import get_down_block, get_mid_block, get_up_block
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["LatentDiscriminator", "TINY_DISCRIMINATOR_KWARGS", "load_state_dict_file"]
+
+# Constructor arguments of a few-channel twin that runs in milliseconds on CPU (tests, smoke runs). Its
+# cross_attention_dim must match the backbone's prompt embedding width (32 for build_tiny_sd_turbo).
+TINY_DISCRIMINATOR_KWARGS: dict = {
+    "block_out_channels": (32, 32, 64),
+    "layers_per_block": 1,
+    "num_attention_heads": (2, 2, 4),
+    "cross_attention_dim": 32,
+    "norm_num_groups": 8,
+    "addition_embed_type_num_heads": 4,
+}
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
+    """Read a released checkpoint file into a plain ``name -> tensor`` dict on the CPU.
+
+    Accepts ``.safetensors`` or a pickled dict read with ``torch.load(weights_only=True)``; unwraps a
+    ``state_dict`` entry and strips DDP / torch.compile prefixes (``module.``, ``_orig_mod.``), §7.4.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: the file does not hold a mapping of tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device="cpu")
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
+    cleaned: dict[str, Tensor] = {}
+    for key, value in state.items():
+        if not isinstance(value, Tensor):
+            raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, expected a tensor")
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _WRAPPER_PREFIXES:
+                if key.startswith(prefix):
+                    key, stripped = key[len(prefix) :], True
+        cleaned[key] = value
+    return cleaned
+
+
+def _per_block(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
+    """Broadcast an int to one value per block, or check a sequence has one value per block."""
+    values = (int(value),) * n if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(values) != n:
+        raise ValueError(f"{name} needs one value per block ({n}), got {len(values)}: {values}")
+    return values
+
+
+def _logit_head(channels: int, norm_num_groups: int, norm_eps: float) -> nn.Sequential:
+    """GroupNorm-SiLU-Conv3x3(C->C)-GroupNorm-SiLU-Conv3x3(C->1), indices 0..5 as released (§2.2.4)."""
+    groups = min(norm_num_groups, channels // 4)  # INVSR_REFERENCE §2.2.4: min(32, C/4) groups
+    return nn.Sequential(
+        nn.GroupNorm(groups, channels, eps=norm_eps),
+        nn.SiLU(),
+        nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+        nn.GroupNorm(groups, channels, eps=norm_eps),
+        nn.SiLU(),
+        nn.Conv2d(channels, 1, kernel_size=3, padding=1),
+    )
+
+
+class LatentDiscriminator(nn.Module):
+    """Multi-scale UNet discriminator on scaled SD latents, conditioned on timestep index and prompt.
+
+    Paper configuration (INVSR_REFERENCE §2.1) = constructor defaults: 112,082,532 parameters, state-dict keys
+    and shapes identical to the released ``discriminator_sd_turbo_v5.pth``. A CPU-sized twin:
+    ``LatentDiscriminator(**TINY_DISCRIMINATOR_KWARGS)``.
+
+    Args:
+        in_channels: latent channels (4 for SD).
+        block_out_channels: widths of the down blocks; the up path mirrors them.
+        layers_per_block: resnets per down block (int or one per block); up blocks get one more each.
+        down_block_types: diffusers down-block class names, one per block.
+        mid_block_type: diffusers mid-block class name.
+        up_block_types: diffusers up-block class names, one per block.
+        num_attention_heads: attention heads per down block (int or one per block); the up path uses them
+            reversed, the mid block the last one. The official YAML calls this ``attention_head_dim``
+            [8, 16, 16] (a diffusers naming quirk: it is really the number of heads, §2.1).
+        transformer_layers_per_block: transformer layers inside each cross-attention block.
+        cross_attention_dim: width D of ``encoder_hidden_states`` (1024 for SD-Turbo's OpenCLIP-H prompt).
+        norm_num_groups: GroupNorm groups; also the channel count of the multi-in stem ``feature_in``
+            (§2.2.3), so every width in ``block_out_channels`` must be a multiple of it.
+        norm_eps: GroupNorm epsilon.
+        act_fn: resnet activation.
+        downsample_padding: padding of the strided downsampling convolutions.
+        use_linear_projection: transformer ``proj_in``/``proj_out`` as Linear instead of 1x1 conv.
+        flip_sin_to_cos: sinusoidal timestep embedding layout (cos first when True).
+        freq_shift: ``downscale_freq_shift`` of the sinusoidal timestep embedding.
+        addition_embed_type: ``"text"`` adds the pooled prompt to the time embedding (§2.3a); None disables.
+        addition_embed_type_num_heads: heads of that attention pooling (must divide ``cross_attention_dim``).
+        center_input_sample: map the input with ``2 * x - 1`` first (off for InvSR).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 4,
+        block_out_channels: Sequence[int] = (128, 256, 512),
+        layers_per_block: int | Sequence[int] = (1, 2, 2),
+        down_block_types: Sequence[str] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        mid_block_type: str = "UNetMidBlock2DCrossAttn",
+        up_block_types: Sequence[str] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        num_attention_heads: int | Sequence[int] = (8, 16, 16),
+        transformer_layers_per_block: int = 1,
+        cross_attention_dim: int = 1024,
+        norm_num_groups: int = 32,
+        norm_eps: float = 1e-5,
+        act_fn: str = "silu",
+        downsample_padding: int = 1,
+        use_linear_projection: bool = False,
+        flip_sin_to_cos: bool = True,
+        freq_shift: int = 0,
+        addition_embed_type: str | None = "text",
+        addition_embed_type_num_heads: int = 64,
+        center_input_sample: bool = False,
+    ) -> None:
+        super().__init__()
+        widths = tuple(int(c) for c in block_out_channels)
+        n = len(widths)
+        down_block_types, up_block_types = tuple(down_block_types), tuple(up_block_types)
+        layers = _per_block(layers_per_block, n, "layers_per_block")
+        heads = _per_block(num_attention_heads, n, "num_attention_heads")
+        self._check_geometry(
+            widths, down_block_types, up_block_types, heads, norm_num_groups, cross_attention_dim
+        )
+        if addition_embed_type not in (None, "text"):
+            raise ValueError(f"addition_embed_type must be 'text' or None, got {addition_embed_type!r}")
+        if addition_embed_type == "text" and cross_attention_dim % addition_embed_type_num_heads:
+            raise ValueError(
+                f"addition_embed_type_num_heads ({addition_embed_type_num_heads}) must divide "
+                f"cross_attention_dim ({cross_attention_dim})"
+            )
+        self.in_channels = in_channels
+        self.cross_attention_dim = cross_attention_dim
+        self.center_input_sample = center_input_sample
+        self.gradient_checkpointing = False
+
+        # Stems: the usual conv_in plus the multi-in stem with norm_num_groups channels (§2.2.3).
+        self.conv_in = nn.Conv2d(in_channels, widths[0], kernel_size=3, padding=1)
+        self.feature_in = nn.Conv2d(in_channels, norm_num_groups, kernel_size=3, padding=1)
+
+        # Time: sinusoid(C0) -> MLP to 4*C0, as in the SD UNet (§2.3).
+        time_embed_dim = widths[0] * 4
+        self.time_proj = Timesteps(widths[0], flip_sin_to_cos, freq_shift)
+        self.time_embedding = TimestepEmbedding(widths[0], time_embed_dim, act_fn=act_fn)
+        # Text: attention-pooled prompt added to temb (§2.3a). Key name `add_embedding` as released.
+        self.add_embedding = (
+            TextTimeEmbedding(cross_attention_dim, time_embed_dim, num_heads=addition_embed_type_num_heads)
+            if addition_embed_type == "text"
+            else None
+        )
+
+        common = {
+            "temb_channels": time_embed_dim,
+            "resnet_eps": norm_eps,
+            "resnet_act_fn": act_fn,
+            "resnet_groups": norm_num_groups,
+            "transformer_layers_per_block": transformer_layers_per_block,
+            "cross_attention_dim": cross_attention_dim,
+            "use_linear_projection": use_linear_projection,
+        }
+        self.down_blocks = nn.ModuleList()
+        out_ch = widths[0]
+        for i, block_type in enumerate(down_block_types):
+            in_ch, out_ch = out_ch, widths[i]
+            self.down_blocks.append(
+                get_down_block(
+                    block_type,
+                    num_layers=layers[i],
+                    # The multi-in features are concatenated to every down-block input (§2.2.3): 160/160/288.
+                    in_channels=in_ch + norm_num_groups,
+                    out_channels=out_ch,
+                    add_downsample=i < n - 1,
+                    num_attention_heads=heads[i],
+                    attention_head_dim=heads[i],
+                    downsample_padding=downsample_padding,
+                    **common,
+                )
+            )
+        self.mid_block = get_mid_block(
+            mid_block_type, in_channels=widths[-1], num_attention_heads=heads[-1], **common
+        )
+        self.up_blocks = nn.ModuleList()
+        rev_widths, rev_layers, rev_heads = widths[::-1], layers[::-1], heads[::-1]
+        out_ch = rev_widths[0]
+        for i, block_type in enumerate(up_block_types):
+            prev_ch, out_ch = out_ch, rev_widths[i]
+            self.up_blocks.append(
+                get_up_block(
+                    block_type,
+                    num_layers=rev_layers[i] + 1,
+                    in_channels=rev_widths[min(i + 1, n - 1)],
+                    out_channels=out_ch,
+                    prev_output_channel=prev_ch,
+                    add_upsample=i < n - 1,
+                    resolution_idx=i,
+                    num_attention_heads=rev_heads[i],
+                    attention_head_dim=rev_heads[i],
+                    **common,
+                )
+            )
+        self.num_upsamplers = n - 1
+        # Multi-out heads (§2.2.4): head 0 on the mid output, heads 1..n after each up block.
+        self.out_blocks = nn.ModuleList(
+            [_logit_head(c, norm_num_groups, norm_eps) for c in (widths[-1], *rev_widths)]
+        )
+
+    @staticmethod
+    def _check_geometry(
+        widths: tuple[int, ...],
+        down_block_types: tuple[str, ...],
+        up_block_types: tuple[str, ...],
+        heads: tuple[int, ...],
+        groups: int,
+        cross_attention_dim: int,
+    ) -> None:
+        n = len(widths)
+        if n < 1 or len(down_block_types) != n or len(up_block_types) != n:
+            raise ValueError(
+                f"need one down and one up block type per width: {n} widths, {len(down_block_types)} down, "
+                f"{len(up_block_types)} up"
+            )
+        for c in widths:
+            # GroupNorm on (C + groups) channels and the heads' min(groups, C/4) groups must divide evenly.
+            if c % groups or c % min(groups, max(c // 4, 1)):
+                raise ValueError(
+                    f"every block_out_channels entry must be a multiple of norm_num_groups ({groups}) so "
+                    f"that the GroupNorms of blocks (C + {groups} ch) and heads divide evenly; got {widths}"
+                )
+        for c, h, kind in zip(widths, heads, down_block_types, strict=True):
+            if "CrossAttn" in kind and c % h:
+                raise ValueError(f"num_attention_heads {h} must divide block width {c} ({kind})")
+        if cross_attention_dim <= 0:
+            raise ValueError(f"cross_attention_dim must be positive, got {cross_attention_dim}")
+
+    @classmethod
+    def from_official(cls, path: str | Path, **kwargs) -> LatentDiscriminator:
+        """Build with ``kwargs`` (paper config by default) and strictly load a released checkpoint.
+
+        Args:
+            path: ``discriminator_sd_turbo_v5.pth`` (pickled state dict) or a ``.safetensors`` file; a
+                ``state_dict`` wrapper and ``module.``/``_orig_mod.`` prefixes are accepted.
+            **kwargs: constructor arguments, when the file is not in the paper configuration.
+        """
+        model = cls(**kwargs)
+        model.load_state_dict(load_state_dict_file(path), strict=True)
+        return model
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute every down, mid and up block in backward (the official code skips the mid, §4.5)."""
+        self.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        """Store all activations again."""
+        self.gradient_checkpointing = False
+
+    def _run(self, block: nn.Module, *args, **kwargs):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, *args, use_reentrant=False, **kwargs)
+        return block(*args, **kwargs)
+
+    def forward(self, latent: Tensor, index: Tensor | int, encoder_hidden_states: Tensor) -> list[Tensor]:
+        """Score latents as real (large logits) or fake (small logits) at four scales.
+
+        Args:
+            latent: (B, C_in, h, w) float scaled SD latents (VAE sample * 0.18215, roughly [-4, 4] for real
+                images). Fakes should be clamped to [-LATENT_BOUND, LATENT_BOUND] = [-10, 10] by the caller
+                (``invsr_pl.losses.adversarial.clamp_fake``, INVSR_REFERENCE §2.5).
+            index: 0-based diffusion index (user timestep - 1, e.g. 249/199/149/99): LongTensor (B,), a 0-d
+                tensor or an int (broadcast to the batch).
+            encoder_hidden_states: (B, L, cross_attention_dim) prompt embeddings (L = 77 for SD).
+
+        Returns:
+            list of 1 + len(block_out_channels) logit maps (B, 1, *, *) in the compute dtype:
+            [mid, up0, up1, ...].
+            For the paper config and a 64x64 latent: 16x16, 32x32, 64x64, 64x64.
+        """
+        if latent.ndim != 4 or latent.shape[1] != self.in_channels:
+            raise ValueError(f"latent must be (B, {self.in_channels}, h, w), got {tuple(latent.shape)}")
+        batch = latent.shape[0]
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != self.cross_attention_dim:
+            raise ValueError(
+                f"encoder_hidden_states must be (B, L, {self.cross_attention_dim}), "
+                f"got {tuple(encoder_hidden_states.shape)}"
+            )
+        if encoder_hidden_states.shape[0] != batch:
+            raise ValueError(
+                f"encoder_hidden_states batch {encoder_hidden_states.shape[0]} != latent batch {batch}"
+            )
+        index = torch.as_tensor(index, device=latent.device)
+        if index.ndim == 0:
+            index = index.expand(batch)
+        if index.shape != (batch,):
+            raise ValueError(
+                f"index must be an int or a (B,) = ({batch},) tensor, got shape {tuple(index.shape)}"
+            )
+
+        if self.center_input_sample:
+            latent = 2 * latent - 1.0
+        # Sinusoids are computed in fp32; cast to the compute dtype as the SD UNet does.
+        emb = self.time_embedding(self.time_proj(index).to(latent.dtype))  # (B, 4*C0)
+        if self.add_embedding is not None:
+            emb = emb + self.add_embedding(encoder_hidden_states)
+        extra = self.feature_in(latent)  # (B, groups, h, w) multi-in features
+        sample = self.conv_in(latent)  # (B, C0, h, w)
+
+        skips: tuple[Tensor, ...] = (sample,)
+        for block in self.down_blocks:
+            # §2.2.3: bicubic resize of the multi-in features to the block's resolution, concatenated after.
+            extra_here = F.interpolate(extra, size=sample.shape[-2:], mode="bicubic")
+            sample = torch.cat([sample, extra_here], dim=1)
+            if getattr(block, "has_cross_attention", False):
+                sample, res = self._run(block, sample, emb, encoder_hidden_states=encoder_hidden_states)
+            else:
+                sample, res = self._run(block, sample, emb)
+            skips += res
+
+        sample = self._run(self.mid_block, sample, emb, encoder_hidden_states=encoder_hidden_states)
+        logits = [self.out_blocks[0](sample)]
+
+        # As in the SD UNet: give the upsampler the skip size when h, w are not multiples of 2**n_upsamplers.
+        factor = 2**self.num_upsamplers
+        odd_size = any(s % factor for s in latent.shape[-2:])
+        for i, block in enumerate(self.up_blocks):
+            n_res = len(block.resnets)
+            res, skips = skips[-n_res:], skips[:-n_res]
+            size = skips[-1].shape[2:] if odd_size and i < len(self.up_blocks) - 1 else None
+            if getattr(block, "has_cross_attention", False):
+                sample = self._run(
+                    block, sample, res, emb, encoder_hidden_states=encoder_hidden_states, upsample_size=size
+                )
+            else:
+                sample = self._run(block, sample, res, emb, upsample_size=size)
+            logits.append(self.out_blocks[i + 1](sample))
+        return logits
