@@ -199,3 +199,43 @@ def test_paired_duplicate_names_and_empty_folder(tmp_path):
 
 def test_image_size_reads_header(tmp_path):
     assert image_size(_write(tmp_path / "a.png", 5, 7)) == (5, 7)
+
+
+# ---------------------------------------------------------------------------------------- built-in samples
+def test_every_sample_photo_loads_offline():
+    from datamodules.samples import SAMPLE_PHOTOS, load_sample
+
+    for name in SAMPLE_PHOTOS:
+        img = load_sample(name)
+        assert img.ndim == 3 and img.shape[0] == 3 and img.dtype == torch.float32, name
+        assert min(img.shape[-2:]) >= 300 and float(img.min()) >= 0.0 and float(img.max()) <= 1.0
+
+
+def test_sample_gt_images():
+    from datamodules.samples import SampleGTImages
+
+    ds = SampleGTImages(names=["camera", "chelsea"], gt_size=32, repeat=3, seed=1)
+    assert len(ds) == 6
+    item = ds[4]
+    assert item["gt"].shape == (3, 32, 32) and item["gt"].dtype == torch.float32
+    torch.testing.assert_close(item["gt"][0], item["gt"][1])  # grey camera replicated to RGB
+    with pytest.raises(ValueError, match="unknown sample photo"):
+        SampleGTImages(names=["eagle"])
+
+
+def test_sample_pairs_bicubic_and_realesrgan_are_deterministic():
+    from datamodules.samples import SamplePairs
+
+    bic = SamplePairs(names=["astronaut", "coffee"], gt_size=32, lq_mode="bicubic")
+    item = bic[1]
+    assert item["name"] == "coffee"
+    assert item["gt"].shape == (3, 32, 32) and item["lq"].shape == (3, 8, 8)
+    torch.testing.assert_close(item["lq"] * 255, (item["lq"] * 255).round())  # 8-bit grid
+    a = SamplePairs(names=["astronaut", "coffee"], gt_size=32, seed=5)
+    b = SamplePairs(names=["coffee"], gt_size=32, seed=5)
+    torch.testing.assert_close(a[1]["lq"], b[0]["lq"])  # per-photo seed, independent of order
+    assert not torch.equal(a[1]["lq"], SamplePairs(names=["coffee"], gt_size=32, seed=6)[0]["lq"])
+    with pytest.raises(ValueError, match="larger than the photo"):
+        SamplePairs(names=["chelsea"], gt_size=320)
+    with pytest.raises(ValueError, match="multiple of scale"):
+        SamplePairs(gt_size=30)

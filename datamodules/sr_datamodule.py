@@ -1,0 +1,344 @@
+"""SRDataModule: GT crops for training, degraded on the device; paired sets for validation and testing.
+
+Training batches leave the DataLoader as ``{"gt": (B, 3, H, W)}``. After the transfer to the device,
+``on_after_batch_transfer`` (training only) synthesises the LQ with the degradation module and a per-rank
+``torch.Generator``, passes the pair through the training pair pool, and the LightningModule receives
+``{"lq": (B, 3, H/s, W/s), "gt": (B, 3, H, W)}`` float32 in [0, 1] (INVSR_REFERENCE §4.2, §6.1).
+Validation / test batches are ``{"lq", "gt", "name": list[str]}`` or ``{"lq", "name"}`` (no-reference sets).
+
+Randomness (ARCHITECTURE C4.15): every stream derives from ``seed`` with :func:`stable_seed` —
+the DataLoader's shuffle/worker-seed generator from (seed, rank), each worker's crop/flip generator from
+(seed, rank, worker, PyTorch's per-epoch worker seed), and the degradation generator from (seed, rank). The
+degradation generator state and the pair pool of every rank are saved in checkpoints through
+``state_dict``/``load_state_dict``, so a resumed run degrades the next batch exactly as the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from datamodules.datasets import SeededDataset
+from datamodules.transforms import stable_seed
+
+__all__ = ["SRDataModule", "seed_worker"]
+
+DatasetSpec = Dataset | Callable[[], Dataset] | Mapping | None
+
+
+def _reseed_tree(dataset: Any, seed: int) -> None:
+    """Reseed ``dataset`` and any datasets it wraps (``Subset.dataset``, ``ConcatDataset.datasets``)."""
+    if isinstance(dataset, SeededDataset):
+        dataset.reseed(seed)
+    inner = getattr(dataset, "dataset", None)
+    if inner is not None:
+        _reseed_tree(inner, stable_seed(seed, "inner"))
+    for i, child in enumerate(getattr(dataset, "datasets", ()) or ()):
+        _reseed_tree(child, stable_seed(seed, "child", i))
+
+
+def seed_worker(worker_id: int, seed: int, rank: int) -> None:
+    """DataLoader ``worker_init_fn``: seed this worker's streams from (seed, rank, worker, epoch).
+
+    ``torch.initial_seed()`` in a worker is PyTorch's ``base_seed + worker_id``, where ``base_seed`` is drawn
+    from the DataLoader's generator at every epoch; mixing it in gives new crops each epoch without repeating
+    across workers or ranks. Python's ``random`` and NumPy are seeded too, for any library code a dataset
+    calls.
+    """
+    s = stable_seed(seed, "worker", rank, worker_id, torch.initial_seed())
+    info = get_worker_info()
+    if info is not None:
+        _reseed_tree(info.dataset, s)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+
+
+def _to_device(tree: Any, device: torch.device | str) -> Any:
+    if isinstance(tree, Tensor):
+        return tree.to(device)
+    if isinstance(tree, dict):
+        return {k: _to_device(v, device) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_device(v, device) for v in tree)
+    return tree
+
+
+def _build(spec: DatasetSpec, what: str) -> Dataset | None:
+    """A dataset from an object, a zero-argument factory (Hydra ``_partial_``) or a Hydra config mapping."""
+    if spec is None or isinstance(spec, Dataset):
+        return spec
+    if isinstance(spec, Mapping) and "_target_" in spec:
+        from hydra.utils import instantiate  # only for configs handed over un-instantiated
+
+        return instantiate(spec)
+    if callable(spec):
+        return spec()
+    raise TypeError(f"{what} must be a Dataset, a factory or a Hydra config, got {type(spec).__name__}")
+
+
+class SRDataModule(LightningDataModule):
+    """Data for InvSR training and evaluation. Keyword arguments map one-to-one to ``conf/data/*.yaml``.
+
+    Args:
+        train_dataset: yields ``{"gt": (3, H, W)}`` (e.g. ``GTImageFolder``, ``SampleGTImages``), or
+            ``{"lq", "gt"}`` pairs (then no degradation is applied).
+        val_dataset: paired / LQ-only set for validation (e.g. ``PairedImageFolder``, ``SamplePairs``).
+        test_datasets: ``{name: dataset}``; ``test_dataloader`` returns one loader per entry, in order, and
+            :attr:`test_names` gives the names. ``None`` tests on ``val_dataset`` (named ``"val"``).
+        degradation: ``RealESRGANDegradation`` (or any module with its ``forward(gt, generator)``) applied on
+            the device to training batches. ``None`` needs a train set that yields LQ itself.
+        batch_size: training batch per device (the paper: 64 in all, i.e. 64 / #GPUs, §4.1).
+        val_batch_size, test_batch_size: 1 by default, because full-size sets mix image sizes.
+        num_workers: training DataLoader workers.
+        val_num_workers: workers for validation/test loaders; ``None`` = ``num_workers``.
+        pin_memory: pin host memory for faster copies to the GPU.
+        persistent_workers: keep workers between epochs (only when there are workers).
+        pair_pool_size: size of the training pair pool (§4.2 step 4); ``None`` = 10 x ``batch_size`` as in the
+            paper, 0 = no pool.
+        seed: base of every data random stream (see the module docstring).
+        drop_last: drop the last incomplete training batch (the paper does).
+    """
+
+    def __init__(
+        self,
+        train_dataset: DatasetSpec = None,
+        val_dataset: DatasetSpec = None,
+        test_datasets: Mapping[str, DatasetSpec] | None = None,
+        degradation: nn.Module | None = None,
+        batch_size: int = 8,
+        val_batch_size: int = 1,
+        test_batch_size: int = 1,
+        num_workers: int = 4,
+        val_num_workers: int | None = None,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        pair_pool_size: int | None = None,
+        seed: int = 0,
+        drop_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["train_dataset", "val_dataset", "test_datasets", "degradation"])
+        for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if test_batch_size < 1:
+            raise ValueError(f"test_batch_size must be >= 1, got {test_batch_size}")
+        if num_workers < 0 or (val_num_workers is not None and val_num_workers < 0):
+            raise ValueError("num_workers / val_num_workers must be >= 0")
+        self._train_spec = train_dataset
+        self._val_spec = val_dataset
+        self._test_specs = dict(test_datasets.items()) if test_datasets is not None else None
+        self._train_set: Dataset | None = None
+        self._val_set: Dataset | None = None
+        self._test_sets: dict[str, Dataset] | None = None
+        self.degradation = degradation
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size)
+        self.test_batch_size = int(test_batch_size)
+        self.num_workers = int(num_workers)
+        self.val_num_workers = self.num_workers if val_num_workers is None else int(val_num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers)
+        self.seed = int(seed)
+        self.drop_last = bool(drop_last)
+        # INVSR_REFERENCE §4.2 step 4: the queue holds 10 x the per-GPU batch unless configured.
+        self.pair_pool_size = 10 * self.batch_size if pair_pool_size is None else int(pair_pool_size)
+        self.pair_pool: nn.Module | None = None
+        if self.pair_pool_size > 0:
+            from datamodules.degradation.pair_pool import TrainingPairPool
+
+            self.pair_pool = TrainingPairPool(size=self.pair_pool_size)
+        self._generator: torch.Generator | None = None
+        self._degradation_device: torch.device | None = None
+        self._pending_generator: dict[str, Any] | None = None
+        self._pending_pool: dict[str, Any] | None = None
+
+    # ---------------------------------------------------------------------------------------- datasets
+    @property
+    def train_set(self) -> Dataset | None:
+        if self._train_set is None:
+            self._train_set = _build(self._train_spec, "train_dataset")
+        return self._train_set
+
+    @property
+    def val_set(self) -> Dataset | None:
+        if self._val_set is None:
+            self._val_set = _build(self._val_spec, "val_dataset")
+        return self._val_set
+
+    @property
+    def test_sets(self) -> dict[str, Dataset]:
+        if self._test_sets is None:
+            if self._test_specs is None:
+                self._test_sets = {"val": self.val_set} if self.val_set is not None else {}
+            else:
+                self._test_sets = {
+                    str(k): _build(v, f"test_datasets.{k}") for k, v in self._test_specs.items()
+                }
+        return self._test_sets
+
+    @property
+    def test_names(self) -> list[str]:
+        """Names of the test sets; ``test_dataloader()[i]`` (dataloader_idx ``i``) is ``test_names[i]``."""
+        return list(self.test_sets)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_set is None:
+            raise ValueError("SRDataModule needs a train_dataset to fit")
+        if stage in (None, "fit", "validate"):
+            _ = self.val_set
+        if stage in (None, "test", "predict"):
+            _ = self.test_sets
+
+    # ---------------------------------------------------------------------------------------- loaders
+    @property
+    def _rank(self) -> int:
+        trainer = self.trainer
+        return int(trainer.global_rank) if trainer is not None else 0
+
+    def _loader(self, dataset: Dataset, batch_size: int, workers: int, train: bool) -> DataLoader:
+        rank = self._rank
+        if workers == 0:
+            # No worker_init_fn runs in the main process: seed its crop/flip stream here.
+            _reseed_tree(dataset, stable_seed(self.seed, "main", rank, "train" if train else "eval"))
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            drop_last=train and self.drop_last,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and workers > 0,
+            worker_init_fn=functools.partial(seed_worker, seed=self.seed, rank=rank),
+            generator=torch.Generator().manual_seed(stable_seed(self.seed, "loader", rank)),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            raise ValueError("SRDataModule has no train_dataset")
+        return self._loader(self.train_set, self.batch_size, self.num_workers, train=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_set is None:
+            return []  # Lightning then skips validation
+        return self._loader(self.val_set, self.val_batch_size, self.val_num_workers, train=False)
+
+    def test_dataloader(self) -> list[DataLoader]:
+        return [
+            self._loader(ds, self.test_batch_size, self.val_num_workers, train=False)
+            for ds in self.test_sets.values()
+        ]
+
+    # ---------------------------------------------------------------------------------------- degradation
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            return self.degrade_batch(batch)
+        return batch
+
+    def degradation_generator(self, device: torch.device | str) -> torch.Generator:
+        """This rank's degradation generator on ``device``; created on first use from (seed, global rank), or
+        from a checkpointed state (:meth:`load_state_dict`)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if self._generator is not None and self._generator.device == device:
+            return self._generator
+        gen = torch.Generator(device=device)
+        pending = self._pending_generator
+        if pending is not None and pending["device_type"] == device.type:
+            gen.set_state(pending["state"])
+        else:
+            if pending is not None:
+                rank_zero_warn(
+                    f"checkpointed degradation generator was on {pending['device_type']}, the batch is on "
+                    f"{device.type}; the degradation stream restarts from the seed"
+                )
+            gen.manual_seed(stable_seed(self.seed, "degradation", self._rank))
+        self._pending_generator = None
+        self._generator = gen
+        return gen
+
+    @torch.no_grad()
+    def degrade_batch(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """Training batch on its device -> ``{"lq", "gt"}``: degrade (unless the batch has LQ), then pool.
+
+        Args:
+            batch: ``{"gt": (B, 3, H, W)}`` float in [0, 1] (or ``{"lq", "gt"}``), already on the device.
+
+        Returns:
+            ``{"lq": (B, 3, H/scale, W/scale), "gt": (B, 3, H, W)}`` float32 in [0, 1], contiguous.
+        """
+        gt = batch["gt"]
+        gen = self.degradation_generator(gt.device)
+        if "lq" in batch:
+            lq = batch["lq"]
+        elif self.degradation is None:
+            raise ValueError("the training batch has no 'lq' and SRDataModule has no degradation to make one")
+        else:
+            if self._degradation_device != gt.device:
+                self.degradation.to(gt.device)
+                self._degradation_device = gt.device
+            lq = self.degradation(gt, generator=gen)  # (B, 3, H/s, W/s), INVSR_REFERENCE §6.1 GPU degradation
+        if self.pair_pool is not None:
+            if self._pending_pool is not None:
+                self.pair_pool.load_state_dict(_to_device(self._pending_pool, gt.device))
+                self._pending_pool = None
+            lq, gt = self.pair_pool(lq, gt, generator=gen)  # §4.2 step 4
+        return {"lq": lq.contiguous(), "gt": gt.contiguous()}
+
+    # ---------------------------------------------------------------------------------------- checkpointing
+    def _local_state(self) -> dict[str, Any]:
+        if self._generator is not None:
+            gen_state = {"device_type": self._generator.device.type, "state": self._generator.get_state()}
+        else:
+            gen_state = self._pending_generator
+        if self._pending_pool is not None:
+            pool_state = self._pending_pool
+        elif self.pair_pool is not None:
+            pool_state = _to_device(self.pair_pool.state_dict(), "cpu")
+        else:
+            pool_state = None
+        return {"generator": gen_state, "pair_pool": pool_state}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Degradation generator state and pair pool of every rank, gathered (called on every rank).
+
+        Returns:
+            ``{"seed": int, "ranks": [{"generator": {"device_type", "state"} | None,
+            "pair_pool": dict | None}, ...]}`` with CPU tensors, one entry per global rank.
+        """
+        local = self._local_state()
+        ranks = [local]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:
+                ranks = [None] * world
+                torch.distributed.all_gather_object(ranks, local)
+        return {"seed": self.seed, "ranks": ranks}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore this rank's entry of :meth:`state_dict`; applied lazily at the next training batch."""
+        ranks = state_dict.get("ranks", [])
+        rank = self._rank
+        if state_dict.get("seed", self.seed) != self.seed:
+            rank_zero_warn(f"checkpoint data seed {state_dict.get('seed')} differs from seed {self.seed}")
+        if rank >= len(ranks):
+            rank_zero_warn(
+                f"checkpoint holds data state for {len(ranks)} rank(s); rank {rank} starts from its seed"
+            )
+            local: dict[str, Any] = {"generator": None, "pair_pool": None}
+        else:
+            local = ranks[rank]
+        self._generator = None
+        self._pending_generator = local.get("generator")
+        self._pending_pool = local.get("pair_pool") if self.pair_pool is not None else None
