@@ -69,7 +69,10 @@ class InvSRSampler:
             raise ValueError(f"chopping_batch must be >= 1, got {chopping_batch}")
         self.backbone = backbone
         self.noise_predictor = noise_predictor
-        self.timesteps = self._resolve_timesteps(timesteps, num_steps)
+        # INVSR_REFERENCE §5.1: explicit timesteps win over num_steps
+        self.timesteps = (
+            ts.validate_timesteps(timesteps) if timesteps is not None else ts.default_timesteps(num_steps)
+        )
         self.modulus = required_multiple(backbone.vae_scale_factor, _unet_scale_factor(backbone), self.scale)
         if chopping_size and chopping_size % self.modulus:
             raise ValueError(

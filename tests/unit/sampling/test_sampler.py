@@ -71,6 +71,15 @@ def local_reference(lr: Tensor) -> Tensor:
     return F.interpolate(F.avg_pool2d(up, 8), scale_factor=8, mode="nearest").clamp(0, 1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny convolutions gain nothing from threads; on a shared 2-core box two threads are several times slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------- local stand-in
 
 
@@ -159,3 +168,78 @@ def test_one_eps_call_per_step(steps: list[int]) -> None:
         torch.rand(1, 3, 48, 48), steps
     )
     assert backbone.eps_calls == len(steps)  # 2 x 2 patches in one batch: one call per step
+
+
+# ---------------------------------------------------------------------------------- tiny SD-Turbo
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[nn.Module, nn.Module]:
+    from invsr_pl.models.noise_predictor import NoisePredictor
+    from invsr_pl.models.tiny import build_tiny_sd_turbo
+
+    backbone = build_tiny_sd_turbo(seed=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        noise_predictor = NoisePredictor(
+            block_out_channels=(32, 32), attention_head_dim=8, norm_num_groups=8, layers_per_block=1
+        ).eval()
+    return backbone, noise_predictor
+
+
+def test_tiny_sampler_shapes_range_and_determinism(tiny: tuple[nn.Module, nn.Module]) -> None:
+    backbone, noise_predictor = tiny
+    sampler = InvSRSampler(backbone, noise_predictor, num_steps=2, chopping_size=32)
+    lr = torch.rand(2, 3, 21, 30)
+    a = sampler(lr, generator=torch.Generator().manual_seed(3))
+    b = sampler(lr, generator=torch.Generator().manual_seed(3))
+    c = sampler(lr, generator=torch.Generator().manual_seed(4))
+    assert a.shape == (2, 3, 84, 120) and a.dtype == torch.float32
+    assert a.min() >= 0 and a.max() <= 1 and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a, sampler(lr, generator=3))  # an int seed is a CPU generator seeded with it
+
+
+@pytest.mark.parametrize("steps", [[200], [200, 150, 100, 50], [700, 600, 500, 400, 300, 200, 100]])
+def test_tiny_unet_runs_once_per_step(tiny: tuple[nn.Module, nn.Module], steps: list[int]) -> None:
+    backbone, noise_predictor = tiny
+    calls: list[tuple[int, ...]] = []
+    encodes: list[int] = []
+    hooks = [
+        backbone.unet.register_forward_hook(lambda m, args, out: calls.append(tuple(args[1].tolist()))),
+        backbone.vae.encoder.register_forward_hook(lambda m, args, out: encodes.append(1)),
+    ]
+    try:
+        # 48x48 LR at chopping 32 = 2 x 2 patches, one batch of 4
+        sr = InvSRSampler(backbone, noise_predictor, chopping_size=32, chopping_batch=4)(
+            torch.rand(1, 3, 48, 48), timesteps=steps, generator=0
+        )
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sr.shape == (1, 3, 192, 192)
+    assert [c[0] for c in calls] == [t - 1 for t in steps]  # index t - 1, one UNet call per step
+    assert all(len(set(c)) == 1 and len(c) == 4 for c in calls)
+    assert len(encodes) == 1  # the VAE encodes once per patch batch
+
+
+def test_tiny_invert_and_sample_patch(tiny: tuple[nn.Module, nn.Module]) -> None:
+    backbone, noise_predictor = tiny
+    sampler = InvSRSampler(backbone, noise_predictor, num_steps=6)
+    assert sampler.timesteps == ts.default_timesteps(6) and len(sampler.timesteps) == 6
+    lr = torch.rand(2, 3, 16, 24)
+    z0 = sampler.invert(lr, [250, 30], generator=torch.Generator().manual_seed(0))
+    assert z0.shape == (2, 4, 8, 12) and z0.dtype == torch.float32
+    img = sampler.sample_patch(lr, [250, 30], generator=torch.Generator().manual_seed(0))
+    assert img.shape == (2, 3, 64, 96) and img.min() >= 0 and img.max() <= 1
+    torch.testing.assert_close(img, backbone.decode(z0))
+    with pytest.raises(ValueError, match="multiple of 4"):
+        sampler.invert(torch.rand(1, 3, 18, 24), [200])
+
+
+def test_tiny_sampler_without_chopping_matches_single_patch(tiny: tuple[nn.Module, nn.Module]) -> None:
+    backbone, noise_predictor = tiny
+    lr = torch.rand(1, 3, 32, 32)
+    whole = InvSRSampler(backbone, noise_predictor, chopping_size=None)(lr, generator=5)
+    one_patch = InvSRSampler(backbone, noise_predictor, chopping_size=32)(lr, generator=5)
+    torch.testing.assert_close(whole, one_patch, atol=1e-6, rtol=0)
