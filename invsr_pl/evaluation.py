@@ -56,16 +56,18 @@ def merge_gathered(per_rank: Iterable[Sequence[Mapping[str, Any]]]) -> list[dict
 
 
 # ------------------------------------------------------------------------------------------------ latency
-def latency_summary(seconds: Sequence[float]) -> dict[str, float]:
+def latency_summary(seconds: Sequence[float], wall_seconds: float | None = None) -> dict[str, float]:
     """Mean and 95th percentile (linear interpolation) seconds per image and images per second.
 
     Args:
-        seconds: wall-clock SR time per image (device-synchronised, metrics excluded).
+        seconds: wall-clock SR time per image (device-synchronised, metrics excluded), all ranks.
+        wall_seconds: time the slowest rank spent on SR (multi-GPU throughput = images / that);
+            ``None`` = ``sum(seconds)`` (one device).
     """
     if not seconds:
         return {"latency_mean_s": math.nan, "latency_p95_s": math.nan, "images_per_s": math.nan}
     arr = np.asarray(seconds, dtype=np.float64)
-    total = float(arr.sum())
+    total = float(arr.sum()) if wall_seconds is None else float(wall_seconds)
     return {
         "latency_mean_s": float(arr.mean()),
         "latency_p95_s": float(np.percentile(arr, 95)),
@@ -226,6 +228,7 @@ def fidelity_realism_plot(
         ax.legend(fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()  # keeps the axis labels inside the fixed 640x480 canvas
     fig.savefig(path, format="png")
     plt.close(fig)
     return path

@@ -49,6 +49,8 @@ def test_latency_summary() -> None:
     assert stats["latency_p95_s"] == pytest.approx(3.85)  # linear interpolation between 3 and 4
     assert stats["images_per_s"] == pytest.approx(0.4)
     assert all(math.isnan(v) for v in E.latency_summary([]).values())
+    # two GPUs, each 2 images of 1 s: 4 images in 2 s of wall time
+    assert E.latency_summary([1.0] * 4, wall_seconds=2.0)["images_per_s"] == pytest.approx(2.0)
 
 
 def test_check_pair_names_the_files() -> None:
