@@ -111,10 +111,12 @@ class LatentLPIPS(nn.Module):
         self.scaling_layer = _ScalingLayer()
         self.net = _LatentVGG16(in_channels=4)
         # The released file stores every head twice (`lin{k}` and `lins.{k}`, §3.4). Registering the same
-        # modules under both names makes state_dict() list both keys while parameters() counts them once.
-        self.lins = nn.ModuleList(_LinearHead(c) for c in _CHANNELS)
-        for k, head in enumerate(self.lins):
+        # modules under both names makes state_dict() list both keys while parameters() counts them once;
+        # `lins` is registered last so that, on loading, its copy is the one kept (it is the one used, §3.3).
+        heads = [_LinearHead(c) for c in _CHANNELS]
+        for k, head in enumerate(heads):
             self.add_module(f"lin{k}", head)
+        self.lins = nn.ModuleList(heads)
         if not random_init:
             self.load_weights(weights_path)
         self.requires_grad_(False)
@@ -155,7 +157,8 @@ class LatentLPIPS(nn.Module):
                 f"x and y must both be (B, 4, h, w) latents, got {tuple(x.shape)} and {tuple(y.shape)}"
             )
         batch = x.shape[0]
-        feats = self.net(torch.cat([x, y], dim=0))  # one trunk pass for both inputs
+        weight_dtype = self.net.slice1[0].weight.dtype
+        feats = self.net(torch.cat([x, y], dim=0).to(weight_dtype))  # one trunk pass for both inputs
         total = x.new_zeros(batch, dtype=torch.float32)
         for feat, head in zip(feats, self.lins, strict=True):
             fx, fy = feat.float().split(batch, dim=0)

@@ -328,6 +328,10 @@ class LatentDiscriminator(nn.Module):
                 f"index must be an int or a (B,) = ({batch},) tensor, got shape {tuple(index.shape)}"
             )
 
+        # Inputs follow the weights' dtype (e.g. fp16 prompt embeddings from a half-precision backbone);
+        # under autocast the layers recast anyway.
+        dtype = self.conv_in.weight.dtype
+        latent, encoder_hidden_states = latent.to(dtype), encoder_hidden_states.to(dtype)
         if self.center_input_sample:
             latent = 2 * latent - 1.0
         # Sinusoids are computed in fp32; cast to the compute dtype as the SD UNet does.
