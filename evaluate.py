@@ -140,6 +140,10 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     rank, world, device, started = _dist_setup(cfg.device)
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.output.dir)
+    if world > 1:  # Hydra's ${now:...} run folder can differ by a second between ranks: use rank 0's
+        shared = [str(out_dir)]
+        dist.broadcast_object_list(shared, src=0)
+        out_dir = Path(shared[0])
     backbone = instantiate(cfg.model.backbone).to(device)
     noise_predictor, weights_note = load_noise_predictor(cfg)
     noise_predictor = noise_predictor.to(device).eval()

@@ -10,6 +10,8 @@ import csv
 import importlib.util
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,24 @@ def test_load_noise_predictor_sources(tmp_path: Path) -> None:
 
 def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow  # two CPU processes (gloo) under torchrun, ~1 min on a shared 2-core CPU
+def test_torchrun_two_ranks_gather_one_table(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+        str(ROOT / "evaluate.py"), "benchmark.samples.dataset.num_images=3",
+        "benchmark.samples.dataset.gt_size=64", "benchmark.samples.dataset.lq_mode=bicubic",
+        "sampler.chopping_size=null", "warmup=0", "metrics=fidelity",
+        "output.plot=false", "device=cpu", f"paths.root_dir={tmp_path}", f"hydra.run.dir={out}",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    per_image = list(csv.DictReader((out / "per_image.csv").open()))
+    assert [r["index"] for r in per_image] == ["0", "1", "2"]  # rank 0 took 0 and 2, rank 1 took 1
+    table = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(table) == 1
+    mean = sum(float(r["psnr"]) for r in per_image) / 3
+    assert float(table[0]["PSNR↑"]) == pytest.approx(mean, rel=1e-6)  # reduced across both ranks
+    assert json.loads((out / "metadata.json").read_text())["world_size"] == 2
