@@ -352,7 +352,10 @@ class LatentDiscriminator(nn.Module):
                 sample, res = self._run(block, sample, emb)
             skips += res
 
-        sample = self._run(self.mid_block, sample, emb, encoder_hidden_states=encoder_hidden_states)
+        if getattr(self.mid_block, "has_cross_attention", False):
+            sample = self._run(self.mid_block, sample, emb, encoder_hidden_states=encoder_hidden_states)
+        else:
+            sample = self._run(self.mid_block, sample, emb)
         logits = [self.out_blocks[0](sample)]
 
         # As in the SD UNet: give the upsampler the skip size when h, w are not multiples of 2**n_upsamplers.

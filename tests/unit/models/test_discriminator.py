@@ -226,3 +226,16 @@ def test_half_precision_prompt_is_cast_to_weight_dtype() -> None:
     for x, y in zip(a, b, strict=True):
         assert y.dtype == torch.float32
         torch.testing.assert_close(x, y, atol=1e-2, rtol=1e-2)
+
+
+def test_attention_free_variant_runs() -> None:
+    kwargs = {
+        **TINY_DISCRIMINATOR_KWARGS,
+        "down_block_types": ("DownBlock2D",) * 3,
+        "mid_block_type": "UNetMidBlock2D",
+        "up_block_types": ("UpBlock2D",) * 3,
+        "addition_embed_type": None,
+    }
+    model = LatentDiscriminator(**kwargs)
+    latent, index, prompt = _inputs()
+    assert [tuple(x.shape) for x in model(latent, index, prompt)][0] == (2, 1, 4, 4)
