@@ -108,8 +108,7 @@ _DTYPES = {
 
 
 class BackboneWeightsNotFound(FileNotFoundError):
-    """SD-Turbo weights are neither in the given folder nor in the local hub cache, and the hub is out of
-    reach."""
+    """SD-Turbo weights are in neither the given folder nor the local hub cache; the hub is unreachable."""
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:

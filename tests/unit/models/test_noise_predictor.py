@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -21,19 +22,24 @@ def small(**overrides) -> NoisePredictor:
     return NoisePredictor(**kwargs)
 
 
-def _official_layout() -> dict[str, list[int]]:
-    if not OFFICIAL.is_file():
-        pytest.skip(f"{OFFICIAL} not available")
-    return json.loads(OFFICIAL.read_text())["noise_predictor"]
+# sha256 of the sorted "key:shape" lines of official_state_dicts.json["noise_predictor"], so that the layout
+# check also runs where the JSON is not available (CI).
+OFFICIAL_LAYOUT_SHA256 = "4b2ed52267cf9e2d8c5a085a64123493de55fa2d6e98b4e3cb65b589d4725035"
+
+
+def _layout_digest(layout: dict[str, list[int]]) -> str:
+    text = "\n".join(f"{k}:{','.join(map(str, v))}" for k, v in sorted(layout.items()))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def test_paper_config_matches_released_checkpoint_layout() -> None:
     model = NoisePredictor()
     assert sum(p.numel() for p in model.parameters()) == 33_837_576  # INVSR_REFERENCE §1.2
     layout = {k: list(v.shape) for k, v in model.state_dict().items()}
-    official = _official_layout()
     assert len(layout) == 164
-    assert layout == official
+    assert _layout_digest(layout) == OFFICIAL_LAYOUT_SHA256
+    if OFFICIAL.is_file():  # the readable comparison, where the reference JSON exists
+        assert layout == json.loads(OFFICIAL.read_text())["noise_predictor"]
 
 
 @pytest.mark.parametrize(
