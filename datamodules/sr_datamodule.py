@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from datamodules.datasets import SeededDataset
+from datamodules.degradation.pair_pool import TrainingPairPool
 from datamodules.transforms import stable_seed
 
 __all__ = ["SRDataModule", "seed_worker"]
@@ -62,14 +63,66 @@ def seed_worker(worker_id: int, seed: int, rank: int) -> None:
     np.random.seed(s % 2**32)
 
 
-def _to_device(tree: Any, device: torch.device | str) -> Any:
+def _pack(tree: Any) -> Any:
+    """CPU copy of a state tree; float tensors that lie exactly on the 8-bit grid are stored as uint8.
+
+    Pool entries are 8-bit data (LQ is quantised by the degradation, GT comes from 8-bit files), so this makes
+    the checkpointed pool 4x smaller without changing a value; anything else is kept as is.
+    """
+    if isinstance(tree, Tensor):
+        t = tree.detach()
+        if t.dtype == torch.float32 and t.numel() > 0:
+            codes = torch.round(t * 255.0)
+            if torch.equal(codes / 255.0, t):
+                return {"__uint8_grid__": codes.to(torch.uint8).cpu()}
+        return t.cpu()
+    if isinstance(tree, dict):
+        return {k: _pack(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_pack(v) for v in tree)
+    return tree
+
+
+def _unpack(tree: Any, device: torch.device | str) -> Any:
+    """Inverse of :func:`_pack`, onto ``device``."""
     if isinstance(tree, Tensor):
         return tree.to(device)
     if isinstance(tree, dict):
-        return {k: _to_device(v, device) for k, v in tree.items()}
+        if set(tree) == {"__uint8_grid__"}:
+            return tree["__uint8_grid__"].to(device).to(torch.float32) / 255.0
+        return {k: _unpack(v, device) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(_to_device(v, device) for v in tree)
+        return type(tree)(_unpack(v, device) for v in tree)
     return tree
+
+
+class _TrainLoader(DataLoader):
+    """A DataLoader that asks its DataModule to seed each epoch and, after a resume, to skip consumed batches.
+
+    Every epoch's shuffle order and (without workers, or with non-persistent workers) crops are then a
+    function of (seed, rank, epoch), and a run resumed mid-epoch continues with the batch the interrupted run
+    would have drawn next. Skipping loads and drops those batches (no degradation, no training step).
+    """
+
+    def __init__(self, *args: Any, datamodule: SRDataModule | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.datamodule = datamodule
+
+    def __iter__(self):  # DataLoader's own iterator type
+        skip = self.datamodule._begin_train_epoch(self) if self.datamodule is not None else 0
+        iterator = super().__iter__()
+        for _ in range(skip):
+            next(iterator, None)
+        return iterator
+
+    # Lightning's resumable-loader protocol. The position lives in the DataModule's own checkpointed state
+    # (restored before the loader is iterated), so there is nothing to add here; implementing the protocol
+    # tells Lightning this loader resumes mid-epoch correctly.
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
 
 
 def _build(spec: DatasetSpec, what: str) -> Dataset | None:
@@ -152,15 +205,16 @@ class SRDataModule(LightningDataModule):
         self.drop_last = bool(drop_last)
         # INVSR_REFERENCE §4.2 step 4: the queue holds 10 x the per-GPU batch unless configured.
         self.pair_pool_size = 10 * self.batch_size if pair_pool_size is None else int(pair_pool_size)
-        self.pair_pool: nn.Module | None = None
+        self.pair_pool: TrainingPairPool | None = None
         if self.pair_pool_size > 0:
-            from datamodules.degradation.pair_pool import TrainingPairPool
-
             self.pair_pool = TrainingPairPool(size=self.pair_pool_size)
         self._generator: torch.Generator | None = None
         self._degradation_device: torch.device | None = None
         self._pending_generator: dict[str, Any] | None = None
         self._pending_pool: dict[str, Any] | None = None
+        self._epoch = -1  # training epoch being drawn (-1: none yet), and batches of it that reached training
+        self._consumed = 0
+        self._resume_position: tuple[int, int] | None = None
 
     # ---------------------------------------------------------------------------------------- datasets
     @property
@@ -207,10 +261,8 @@ class SRDataModule(LightningDataModule):
 
     def _loader(self, dataset: Dataset, batch_size: int, workers: int, train: bool) -> DataLoader:
         rank = self._rank
-        if workers == 0:
-            # No worker_init_fn runs in the main process: seed its crop/flip stream here.
-            _reseed_tree(dataset, stable_seed(self.seed, "main", rank, "train" if train else "eval"))
-        return DataLoader(
+        extra: dict[str, Any] = {"datamodule": self} if train else {}
+        return (_TrainLoader if train else DataLoader)(
             dataset,
             batch_size=batch_size,
             shuffle=train,
@@ -220,7 +272,35 @@ class SRDataModule(LightningDataModule):
             persistent_workers=self.persistent_workers and workers > 0,
             worker_init_fn=functools.partial(seed_worker, seed=self.seed, rank=rank),
             generator=torch.Generator().manual_seed(stable_seed(self.seed, "loader", rank)),
+            **extra,
         )
+
+    def _begin_train_epoch(self, loader: DataLoader) -> int:
+        """Seed a new training epoch from (seed, rank, epoch); returns how many batches to skip (resume).
+
+        The data epoch is counted here, not taken from ``trainer.current_epoch``, whose value after a resume
+        from an end-of-epoch checkpoint skips a number: a new epoch starts when the previous one delivered at
+        least one batch to training (so a repeated ``iter()`` redraws the same epoch).
+        """
+        if self._resume_position is not None:
+            epoch, skip = self._resume_position
+            epoch = max(epoch, 0)  # saved before the first epoch started
+            self._resume_position = None
+            if skip >= len(loader):  # the checkpoint was written after the epoch's last batch
+                epoch, skip = epoch + 1, 0
+        elif self._epoch < 0:
+            epoch, skip = 0, 0
+        elif self._consumed > 0 or self.trainer is None:  # without a Trainer nothing counts consumption
+            epoch, skip = self._epoch + 1, 0
+        else:
+            epoch, skip = self._epoch, 0
+        rank = self._rank
+        loader.generator.manual_seed(stable_seed(self.seed, "loader", rank, epoch))
+        if loader.num_workers == 0:
+            # No worker_init_fn runs in the main process: seed its crop/flip stream here.
+            _reseed_tree(loader.dataset, stable_seed(self.seed, "main", rank, epoch))
+        self._epoch, self._consumed = epoch, skip
+        return skip
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
@@ -242,6 +322,7 @@ class SRDataModule(LightningDataModule):
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         trainer = self.trainer
         if trainer is not None and trainer.training:
+            self._consumed += 1
             return self.degrade_batch(batch)
         return batch
 
@@ -291,9 +372,10 @@ class SRDataModule(LightningDataModule):
             lq = self.degradation(gt, generator=gen)  # (B, 3, H/s, W/s), INVSR_REFERENCE §6.1 GPU degradation
         if self.pair_pool is not None:
             if self._pending_pool is not None:
-                self.pair_pool.load_state_dict(_to_device(self._pending_pool, gt.device))
+                self.pair_pool.load_state_dict(_unpack(self._pending_pool, gt.device))
                 self._pending_pool = None
-            lq, gt = self.pair_pool(lq, gt, generator=gen)  # §4.2 step 4
+            pooled = self.pair_pool({"lq": lq, "gt": gt}, generator=gen)  # §4.2 step 4
+            lq, gt = pooled["lq"], pooled["gt"]
         return {"lq": lq.contiguous(), "gt": gt.contiguous()}
 
     # ---------------------------------------------------------------------------------------- checkpointing
@@ -305,7 +387,7 @@ class SRDataModule(LightningDataModule):
         if self._pending_pool is not None:
             pool_state = self._pending_pool
         elif self.pair_pool is not None:
-            pool_state = _to_device(self.pair_pool.state_dict(), "cpu")
+            pool_state = _pack(self.pair_pool.state_dict())
         else:
             pool_state = None
         return {"generator": gen_state, "pair_pool": pool_state}
@@ -314,8 +396,9 @@ class SRDataModule(LightningDataModule):
         """Degradation generator state and pair pool of every rank, gathered (called on every rank).
 
         Returns:
-            ``{"seed": int, "ranks": [{"generator": {"device_type", "state"} | None,
-            "pair_pool": dict | None}, ...]}`` with CPU tensors, one entry per global rank.
+            ``{"seed": int, "epoch": int, "consumed": int, "ranks": [{"generator": {"device_type", "state"} |
+            None, "pair_pool": dict | None}, ...]}`` with CPU tensors, one rank entry per global rank;
+            ``consumed`` counts the batches of training epoch ``epoch`` that reached the model.
         """
         local = self._local_state()
         ranks = [local]
@@ -324,7 +407,7 @@ class SRDataModule(LightningDataModule):
             if world > 1:
                 ranks = [None] * world
                 torch.distributed.all_gather_object(ranks, local)
-        return {"seed": self.seed, "ranks": ranks}
+        return {"seed": self.seed, "epoch": self._epoch, "consumed": self._consumed, "ranks": ranks}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore this rank's entry of :meth:`state_dict`; applied lazily at the next training batch."""
@@ -339,6 +422,8 @@ class SRDataModule(LightningDataModule):
             local: dict[str, Any] = {"generator": None, "pair_pool": None}
         else:
             local = ranks[rank]
+        if "epoch" in state_dict:
+            self._resume_position = (int(state_dict["epoch"]), int(state_dict["consumed"]))
         self._generator = None
         self._pending_generator = local.get("generator")
         self._pending_pool = local.get("pair_pool") if self.pair_pool is not None else None
