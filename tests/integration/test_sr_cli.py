@@ -1,0 +1,135 @@
+"""``invsr-sr`` end to end on a folder of mixed images with the tiny backbone (offline smoke mode)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+import tifffile
+import torch
+from PIL import Image
+
+from invsr_pl.cli.sr import main
+from invsr_pl.utils.images import read_image
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny convolutions gain nothing from threads; on a shared 2-core box two threads are several times slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def mixed_folder(tmp_path: Path) -> Path:
+    """RGB jpg (50 px), RGBA, 16-bit RGB PNG, 16-bit gray TIFF, a corrupt file, a text file."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(skimage.data.astronaut()[:50, :50]).save(folder / "astro.jpg", quality=95)
+    coffee = skimage.data.coffee()[:60, :90]
+    alpha = np.linspace(0, 255, 90, dtype=np.uint8)[None].repeat(60, 0)
+    Image.fromarray(np.dstack([coffee, alpha])).save(folder / "rgba.png")
+    rgb16 = (skimage.data.astronaut()[100:148, 100:164].astype(np.uint16) * 257)[:, :, ::-1]  # BGR for OpenCV
+    import cv2
+
+    cv2.imwrite(str(folder / "deep.png"), np.ascontiguousarray(rgb16))
+    tifffile.imwrite(folder / "gray16.tif", skimage.data.camera()[:52, :40].astype(np.uint16) * 257)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    (folder / "notes.txt").write_text("ignored")
+    return folder
+
+
+SIZES = {"astro": (50, 50), "rgba": (60, 90), "deep": (48, 64), "gray16": (52, 40)}
+
+
+def _run_folder(
+    folder: Path, out: Path, sizes: dict[str, tuple[int, int]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [str(folder), "-o", str(out), "--backbone", "tiny", "--chopping-size", "32", "--chopping-batch", "16"]
+        + ["--no-progress", "--color-fix", "wavelet"]
+    )
+    err = capsys.readouterr().err
+    assert code == 1  # the corrupt file fails, the others are written
+    assert "broken.jpg" in err and "smoke mode" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{name}.png" for name in sizes)
+    for name, (h, w) in sizes.items():
+        image, alpha, bit_depth = read_image(out / f"{name}.png")
+        assert image.shape == (3, 4 * h, 4 * w), name
+        assert (alpha is not None) == (name == "rgba"), name
+        assert bit_depth == (16 if name in ("deep", "gray16") else 8), name
+    _, alpha, _ = read_image(out / "rgba.png")
+    assert (
+        alpha is not None and alpha[0, :, :8].mean() < 0.05 and alpha[0, :, -8:].mean() > 0.95
+    )  # aligned ramp
+
+
+def test_folder_of_mixed_images(
+    mixed_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _run_folder(mixed_folder, tmp_path / "out", SIZES, capsys)
+
+
+@pytest.mark.slow
+def test_folder_with_a_700px_image(
+    mixed_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # a 50 x 700 grey strip: 129 patches at chopping size 32 (~15 s on a loaded 2-core CPU)
+    Image.fromarray(np.tile(skimage.data.camera()[:50], (1, 2))[:, :700]).save(mixed_folder / "strip.png")
+    _run_folder(mixed_folder, tmp_path / "out", {**SIZES, "strip": (50, 700)}, capsys)
+
+
+def test_single_file_is_deterministic(tmp_path: Path) -> None:
+    src = tmp_path / "a.png"
+    Image.fromarray(skimage.data.coffee()[:40, :36]).save(src)
+    args = [
+        "--backbone",
+        "tiny",
+        "--chopping-size",
+        "32",
+        "--timesteps",
+        "200,100",
+        "--no-progress",
+        "--seed",
+        "7",
+    ]
+    assert main([str(src), "-o", str(tmp_path / "o1"), *args]) == 0
+    assert main([str(src), "-o", str(tmp_path / "o2"), *args]) == 0
+    first, second = read_image(tmp_path / "o1" / "a.png").image, read_image(tmp_path / "o2" / "a.png").image
+    assert first.shape == (3, 160, 144) and torch.equal(first, second)
+
+
+def test_missing_backbone_weights_exit_2_without_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = tmp_path / "a.png"
+    Image.fromarray(skimage.data.coffee()[:32, :32]).save(src)
+    weights = tmp_path / "np.pth"
+    torch.save({}, weights)
+    for backbone in (
+        str(tmp_path / "no-such-sd-turbo"),
+        "stabilityai/sd-turbo",
+    ):  # the hub is offline in tests
+        code = main(
+            [str(src), "-o", str(tmp_path / "out"), "--backbone", backbone, "--noise-predictor", str(weights)]
+        )
+        err = capsys.readouterr().err
+        assert code == 2 and "could not be loaded" in err and "Traceback" not in err
+    code = main([str(src), "-o", str(tmp_path / "out"), "--backbone", str(tmp_path / "nowhere")])
+    assert code == 2 and "--noise-predictor is required" in capsys.readouterr().err
+
+
+def test_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path), "-o", str(tmp_path / "o"), "--timesteps", "100,200"])
+    assert exc.value.code == 2 and "strictly descending" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing"), "-o", str(tmp_path / "o"), "--backbone", "tiny"]) == 2
+    assert (
+        main([str(tmp_path), "-o", str(tmp_path / "o"), "--backbone", "tiny"]) == 2
+    )  # no images in the folder
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "no images" in err
