@@ -1,0 +1,407 @@
+"""InvSRLitModule: the InvSR training system (INVSR_REFERENCE §4); it orchestrates, the models compute.
+
+Per iteration: generator (noise predictor) step, then discriminator step; manual optimisation with micro-batch
+accumulation, gradient clipping from the model config and a non-finite guard. Validation samples through
+:class:`InvSRSampler` (the one inference path) and reports PSNR/SSIM on Y per number of sampling steps.
+
+AMP: ``manual_backward`` and ``LightningOptimizer.step`` go through the trainer's precision plugin. Under
+"16-mixed" it scales the loss in ``manual_backward``; inside ``opt.step()`` it unscales the gradients *before*
+``on_before_optimizer_step`` and its GradScaler skips steps with inf/NaN gradients. So we clip in
+``on_before_optimizer_step``, where gradients are unscaled for every precision. (One GradScaler serves both
+optimisers; the official trainer keeps two, §4.5.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from invsr_pl.losses.adversarial import clamp_fake, generator_adv_loss, hinge_d_loss
+from invsr_pl.sampling.sampler import InvSRSampler
+from invsr_pl.sampling.timesteps import to_index, validate_timesteps
+
+if TYPE_CHECKING:
+    from invsr_pl.losses.perceptual import LatentLPIPS
+    from invsr_pl.models.discriminator import LatentDiscriminator
+    from invsr_pl.models.noise_predictor import NoisePredictor
+    from invsr_pl.models.sd_turbo import FrozenSDTurbo
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+# Frozen parts are never checkpointed (ARCHITECTURE fact 7); they are rebuilt from their own weight files.
+NOT_CHECKPOINTED = ("backbone.", "lpips.", "val_lpips.")
+_VGG16_WEIGHTS = "vgg16-397923af.pth"  # torchvision's VGG16 file, needed by torchmetrics' LPIPS (vgg)
+
+
+def warmup_factor(scheduler_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up: iteration j (after j - 1 scheduler steps) uses ``min(j / warmup, 1)`` of the lr.
+
+    INVSR_REFERENCE §4.5/§7.7.1: the official trainer is off by one (iteration 1 uses the full lr).
+    """
+    return 1.0 if warmup_steps <= 0 else min((scheduler_steps + 1) / warmup_steps, 1.0)
+
+
+def iteration_seed(seed: int, rank: int, iteration: int) -> int:
+    """63-bit seed of one iteration on one rank: training randomness is a function of the iteration counter,
+    so resume is exact without saving generator states; ranks draw distinct streams (§4.5: seed + rank)."""
+    digest = hashlib.sha256(f"{seed}:{rank}:{iteration}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def rgb_to_y(image: Tensor) -> Tensor:
+    """BT.601 studio-swing luma as pyiqa's ``rgb2ycbcr``: (B,3,H,W) in [0,1] -> (B,1,H,W) in [16, 235]/255."""
+    weights = image.new_tensor([65.481, 128.553, 24.966]).view(1, 3, 1, 1)
+    return ((image * weights).sum(dim=1, keepdim=True) + 16.0) / 255.0
+
+
+class InvSRLitModule(L.LightningModule):
+    """Trains the InvSR noise predictor against a frozen SD-Turbo with L2 + latent LPIPS + latent GAN losses.
+
+    Batches: train ``{"lq": (B,3,h,w), "gt": (B,3,s*h,s*w)}`` float32 in [0,1], already degraded by the data
+    module; val adds ``"name"``; ``s`` = ``noise_predictor.scale``. Arguments = keys of conf/model/invsr.yaml.
+    """
+
+    def __init__(
+        self,
+        backbone: FrozenSDTurbo,
+        noise_predictor: NoisePredictor,
+        discriminator: LatentDiscriminator | None = None,
+        lpips: LatentLPIPS | None = None,
+        optimizer_g: OptimizerFactory | None = None,
+        optimizer_d: OptimizerFactory | None = None,
+        l2_weight: float = 1.0,
+        lpips_weight: float = 2.0,
+        gan_weight: float = 0.1,
+        train_timesteps: Sequence[int] = (250, 200, 150, 100),
+        dis_warmup_steps: int = 10_000,
+        dis_update_freq: int = 1,
+        lr_warmup_steps: int = 2000,
+        micro_batch_size: int | None = None,
+        grad_clip_g: float | None = None,
+        grad_clip_d: float | None = None,
+        max_consecutive_nonfinite: int = 10,
+        gradient_checkpointing: bool = True,
+        max_iterations: int | None = None,
+        seed: int = 123456,
+        val_num_steps: Sequence[int] = (1, 5),
+        color_fix: str = "none",
+        chopping_size: int = 128,
+        val_lpips: bool = True,
+        val_keep_images: int = 4,
+    ) -> None:
+        super().__init__()
+        if lpips is None and lpips_weight > 0:
+            raise ValueError(f"lpips_weight={lpips_weight} needs an `lpips` module (or set lpips_weight: 0)")
+        if min(dis_update_freq, max_consecutive_nonfinite, micro_batch_size or 1) < 1:
+            raise ValueError("dis_update_freq, max_consecutive_nonfinite and micro_batch_size must be >= 1")
+        modules = ["backbone", "noise_predictor", "discriminator", "lpips", "optimizer_g", "optimizer_d"]
+        self.save_hyperparameters(ignore=modules)
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold no backbone/LPIPS weights (ARCHITECTURE fact 7)
+        self.backbone = backbone.requires_grad_(False).eval()  # frozen before DDP wraps (ARCHITECTURE fact 6)
+        if gradient_checkpointing:
+            self.backbone.enable_gradient_checkpointing()  # §4.5: the UNet is checkpointed in training
+        self.noise_predictor = noise_predictor
+        self.discriminator = discriminator
+        self.lpips = lpips.requires_grad_(False).eval() if lpips is not None else None
+        # §4.4: AdamW for G; Adam with coupled weight decay for D; lr 5e-5, default betas.
+        self.optimizer_g = optimizer_g or partial(torch.optim.AdamW, lr=5e-5, weight_decay=0.0)
+        self.optimizer_d = optimizer_d or partial(torch.optim.Adam, lr=5e-5, weight_decay=1e-3)
+        self.train_timesteps = validate_timesteps(list(train_timesteps))
+        self.register_buffer("train_indices", to_index(self.train_timesteps), persistent=False)
+        self.val_num_steps = [int(n) for n in val_num_steps]
+        # one Metric per step count: reduced across ranks by torchmetrics; PSNR averaged per image (dim=CHW)
+        self.val_psnr = nn.ModuleDict(
+            {str(n): PeakSignalNoiseRatio(1.0, dim=(1, 2, 3)) for n in val_num_steps}
+        )
+        self.val_ssim = nn.ModuleDict(
+            {str(n): StructuralSimilarityIndexMeasure(data_range=1.0) for n in val_num_steps}
+        )
+        self.val_lpips: nn.ModuleDict | None = None  # built in setup() only if its weights are on disk
+        self.iteration = 0  # our own counter: trainer.global_step counts G and D steps (ARCHITECTURE fact 4)
+        self.skipped_steps = 0
+        self.consecutive_nonfinite = 0
+        self.last_val_images: dict[str, Any] | None = None
+        self._last_step_time: float | None = None
+
+    def forward(
+        self,
+        lq: Tensor,
+        num_steps: int = 1,
+        timesteps: list[int] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Super-resolve ``lq`` (B,3,h,w) in [0,1] to (B,3,s*h,s*w) float32 in [0,1] with InvSRSampler."""
+        hp = self.hparams
+        sampler = InvSRSampler(
+            self.backbone,
+            self.noise_predictor,
+            num_steps=num_steps,
+            timesteps=timesteps,
+            chopping_size=hp.chopping_size,
+            color_fix=hp.color_fix,
+        )
+        return sampler(lq, generator=generator)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        lq, gt = batch["lq"], batch["gt"]
+        self.iteration += 1
+        k, hp = self.iteration, self.hparams
+        gen = torch.Generator(device=self.device).manual_seed(iteration_seed(hp.seed, self.global_rank, k))
+        # §4.3 step 1: one starting timestep per sample, uniform over the configured set
+        choice = torch.randint(len(self.train_timesteps), (lq.shape[0],), generator=gen, device=self.device)
+        index = self.train_indices[choice]  # (B,) long diffusion index = t - 1
+        # §4.3 step 8 / §4.4: G gets the adversarial term after the D warm-up; D trains from iteration 1
+        adversarial = self.discriminator is not None and hp.gan_weight > 0 and k > hp.dis_warmup_steps
+        fakes = self._generator_step(lq, gt, index, gen, adversarial)
+        update_d = self.discriminator is not None and (
+            k <= hp.dis_warmup_steps or k % hp.dis_update_freq == 0
+        )
+        d_ok = self._discriminator_step(fakes, lq.shape[0]) if update_d and fakes is not None else True
+        self.lr_schedulers().step()  # the G warm-up follows the iteration counter, skipped or not
+        if fakes is not None and d_ok:
+            self.consecutive_nonfinite = 0
+        self._log_step(lq.shape[0])
+        if hp.max_iterations is not None and k >= hp.max_iterations:
+            self.trainer.should_stop = True
+
+    def _generator_step(self, lq: Tensor, gt: Tensor, index: Tensor, gen: torch.Generator, adversarial: bool):
+        """Accumulated G update over micro-batches (§4.3). Returns [(fake, real, index)] per micro-batch for D
+        (fake = clamped detached x0_hat, real = GT latent, both (b,4,H/8,W/8)), or None if skipped."""
+        opt_g = self._optimizers()[0]
+        chunks = self._micro_batches(lq, gt, index)
+        opt_g.zero_grad()
+        per_sample: dict[str, list[Tensor]] = {}
+        fakes = []
+        for i, (lq_i, gt_i, idx_i) in enumerate(chunks):
+            # all-reduce on the last micro-batch only (ARCHITECTURE fact 2); D frozen while G steps (fact 1)
+            with opt_g.toggle_model(sync_grad=i == len(chunks) - 1):
+                terms, x0, z_gt = self._generator_losses(lq_i, gt_i, idx_i, gen, adversarial)
+                self.manual_backward(terms["loss"].sum() / lq.shape[0])  # = batch mean over all micro-batches
+            fakes.append((clamp_fake(x0.detach()), z_gt, idx_i))
+            for name, value in terms.items():
+                per_sample.setdefault(name, []).append(value.detach())
+        means = self._term_means({k: torch.cat(v) for k, v in per_sample.items()}, index)
+        if not self._step_if_finite(opt_g, self.noise_predictor, means["loss"], "generator", means):
+            return None
+        self.log_dict(
+            {f"train/{k}": v for k, v in means.items() if not math.isnan(v)}, batch_size=lq.shape[0]
+        )
+        return fakes
+
+    def _generator_losses(
+        self, lq: Tensor, gt: Tensor, index: Tensor, gen: torch.Generator, adversarial: bool
+    ):
+        """Per-sample terms {l2, lpips, gan_g, loss} (b,) float32; x0_hat and GT latent (b,4,H/8,W/8)."""
+        hp = self.hparams
+        with torch.no_grad():
+            # §4.3 step 4: bicubic to the GT size, no antialias, no clamp; posterior samples (§7.7.8)
+            lq_up = F.interpolate(lq, size=gt.shape[-2:], mode="bicubic", align_corners=False)
+            z_lq = self.backbone.encode(lq_up, generator=gen)
+            z_gt = self.backbone.encode(gt, generator=gen)
+        sigma = self.backbone.sigma(index).view(-1, 1, 1, 1)
+        noise = self.noise_predictor(lq, index).sample(generator=gen)  # reparameterised, §4.3 step 5
+        x0 = self.backbone.predict_x0(
+            z_lq + sigma * noise.float(), index
+        )  # grads flow through the frozen UNet
+        zero = x0.new_zeros(x0.shape[0])
+        terms = {"l2": (x0 - z_gt).pow(2).mean(dim=(1, 2, 3))}
+        terms["lpips"] = self.lpips(x0, z_gt).float().view(-1) if hp.lpips_weight > 0 else zero
+        terms["gan_g"] = zero  # logged as zeros during the D warm-up, like the official trainer
+        if adversarial:
+            logits = self.discriminator(clamp_fake(x0), index, self._prompt(len(index)))
+            terms["gan_g"] = generator_adv_loss(logits).float()
+        terms["loss"] = (
+            hp.l2_weight * terms["l2"] + hp.lpips_weight * terms["lpips"] + hp.gan_weight * terms["gan_g"]
+        )
+        return terms, x0, z_gt
+
+    def _discriminator_step(self, fakes: list[tuple[Tensor, Tensor, Tensor]], batch_size: int) -> bool:
+        """Accumulated hinge D update (§2.5, §4.4) on the G step's micro-batches; False if skipped."""
+        opt_d = self._optimizers()[1]
+        opt_d.zero_grad()
+        sums = torch.zeros(
+            3, device=self.device
+        )  # d_loss, mean real logit, mean fake logit (sample-weighted)
+        for i, (fake, real, idx) in enumerate(fakes):
+            with opt_d.toggle_model(sync_grad=i == len(fakes) - 1):
+                logits = self.discriminator(
+                    torch.cat([real, fake]), idx.repeat(2), self._prompt(2 * len(idx))
+                )
+                real_logits, fake_logits = zip(*(head.chunk(2) for head in logits), strict=True)
+                loss = hinge_d_loss(list(real_logits), list(fake_logits)).float()  # (b,)
+                self.manual_backward(loss.sum() / batch_size)
+            mean_logit = [
+                torch.stack([h.detach().float().mean() for h in hs]).mean()
+                for hs in (real_logits, fake_logits)
+            ]
+            sums += torch.stack([loss.detach().sum(), *mean_logit]) * torch.tensor(
+                [1.0, len(idx), len(idx)]
+            ).to(sums)
+        means = dict(zip(["d_loss", "d_real", "d_fake"], (sums / batch_size).tolist(), strict=True))
+        if not self._step_if_finite(opt_d, self.discriminator, means["d_loss"], "discriminator", means):
+            return False
+        self.log_dict({f"train/{k}": v for k, v in means.items()}, batch_size=batch_size)
+        return True
+
+    def _step_if_finite(self, opt, model: nn.Module, loss: float, what: str, terms: dict[str, float]) -> bool:
+        """Step ``opt`` unless the loss or (without a GradScaler) the gradients are non-finite on any rank.
+        Under "16-mixed", gradient overflow is the GradScaler's business (it skips and lowers the scale)."""
+        bad = not math.isfinite(loss)
+        if not bad and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+            bad = not bool(torch.isfinite(norm))  # grads are all-reduced here, so every rank agrees
+            self.log(f"train/grad_norm_{what[0]}", norm.float(), batch_size=1)
+        if self.trainer.strategy.reduce_boolean_decision(bad, all=False):
+            opt.zero_grad()  # no optimizer step: weights and optimizer state stay as they were
+            self._record_nonfinite(what, terms)
+            return False
+        opt.step()  # clipping happens in on_before_optimizer_step, after any AMP unscale
+        return True
+
+    def _record_nonfinite(self, what: str, terms: dict[str, float]) -> None:
+        self.skipped_steps += 1
+        self.consecutive_nonfinite += 1
+        detail = ", ".join(f"{k}={v:.4g}" for k, v in terms.items() if "_t" not in k)
+        msg = (
+            f"non-finite {what} loss or gradients at iteration {self.iteration} (trainer.global_step "
+            f"{self.global_step}), step skipped; loss terms: {detail}"
+        )
+        limit = self.hparams.max_consecutive_nonfinite
+        if self.consecutive_nonfinite >= limit:
+            raise RuntimeError(
+                f"Stopping after {limit} consecutive non-finite steps (max_consecutive_nonfinite). {msg}"
+            )
+        rank_zero_warn(msg)
+
+    def _log_step(self, batch_size: int) -> None:
+        now = time.perf_counter()
+        logs = {"train/skipped_steps": float(self.skipped_steps), "train/iteration": float(self.iteration)}
+        for name, opt in zip(["lr_g", "lr_d"], self._optimizers(), strict=False):
+            logs[f"train/{name}"] = opt.param_groups[0]["lr"]
+        if self._last_step_time is not None:  # images/s over all ranks, from one iteration start to the next
+            logs["train/throughput"] = batch_size * self.trainer.world_size / (now - self._last_step_time)
+        self._last_step_time = now
+        self.log_dict(logs, batch_size=batch_size)
+
+    # ------------------------------------------------------------------ validation
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        lq, gt = batch["lq"], batch["gt"]
+        # the same draws for the same batch in every validation, so curves compare weights, not noise
+        gen = torch.Generator(device=self.device).manual_seed(self.hparams.seed + batch_idx)
+        srs: dict[int, Tensor] = {}
+        for n in self.val_num_steps:
+            sr = srs[n] = self(lq, num_steps=n, generator=gen)
+            if sr.shape != gt.shape:
+                raise ValueError(f"SR shape {tuple(sr.shape)} != GT shape {tuple(gt.shape)} (wrong scale?)")
+            sr_y, gt_y = rgb_to_y(sr), rgb_to_y(gt)
+            metrics = {"psnr": (self.val_psnr, sr_y, gt_y), "ssim": (self.val_ssim, sr_y, gt_y)}
+            if self.val_lpips is not None:
+                metrics["lpips"] = (self.val_lpips, sr, gt)
+            for name, (group, pred, target) in metrics.items():  # Y channel, no border crop
+                group[str(n)].update(pred, target)
+                self.log(f"val/{name}_{n}step", group[str(n)], batch_size=lq.shape[0])
+        keep = self.hparams.val_keep_images  # for the image logger callback (rank zero reads it)
+        self.last_val_images = {
+            "lq": lq[:keep].detach().cpu(),
+            "gt": gt[:keep].detach().cpu(),
+            "sr": {n: sr[:keep].detach().cpu() for n, sr in srs.items()},
+        }
+
+    # ------------------------------------------------------------------ optimisers
+    def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[LambdaLR]]:
+        opt_g = self.optimizer_g(self.noise_predictor.parameters())
+        optimizers = [opt_g]
+        if self.discriminator is not None:
+            optimizers.append(self.optimizer_d(self.discriminator.parameters()))
+        # manual mode: we step the scheduler once per iteration; Lightning saves and restores its state
+        return optimizers, [
+            LambdaLR(opt_g, partial(warmup_factor, warmup_steps=self.hparams.lr_warmup_steps))
+        ]
+
+    # ------------------------------------------------------------------ other hooks
+    def setup(self, stage: str) -> None:
+        # optional validation LPIPS: only when torchvision's VGG16 weights are cached (never download)
+        cached = os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", _VGG16_WEIGHTS))
+        if self.hparams.val_lpips and self.val_lpips is None and cached:
+            from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity as LPIPS
+
+            self.val_lpips = nn.ModuleDict({str(n): LPIPS("vgg", normalize=True) for n in self.val_num_steps})
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        clip = (
+            self.hparams.grad_clip_g if optimizer is self.trainer.optimizers[0] else self.hparams.grad_clip_d
+        )
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+
+    def train(self, mode: bool = True) -> InvSRLitModule:
+        super().train(mode)
+        self.backbone.eval()  # frozen parts stay in eval mode whatever the trainer asks
+        if self.lpips is not None:
+            self.lpips.eval()
+        return self
+
+    def state_dict(
+        self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
+    ) -> Any:
+        sd = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        for key in [k for k in sd if k.startswith(tuple(prefix + p for p in NOT_CHECKPOINTED))]:
+            del sd[key]
+        return sd
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        # frozen parts are absent from checkpoints by design: do not report them as missing
+        result.missing_keys[:] = [k for k in result.missing_keys if not k.startswith(NOT_CHECKPOINTED)]
+        return result
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["invsr_iteration"] = self.iteration
+        checkpoint["invsr_skipped_steps"] = self.skipped_steps
+        checkpoint["invsr_consecutive_nonfinite"] = self.consecutive_nonfinite
+        config = getattr(self.noise_predictor, "config", None)
+        if config is not None:  # lets invsr-export rebuild the NoisePredictor without the Hydra config
+            checkpoint["noise_predictor_config"] = dict(config)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.iteration = int(checkpoint.get("invsr_iteration", 0))
+        self.skipped_steps = int(checkpoint.get("invsr_skipped_steps", 0))
+        self.consecutive_nonfinite = int(checkpoint.get("invsr_consecutive_nonfinite", 0))
+
+    # ------------------------------------------------------------------ helpers
+    def _optimizers(self) -> list:
+        opts = self.optimizers()
+        return opts if isinstance(opts, list) else [opts]
+
+    def _prompt(self, batch_size: int) -> Tensor:
+        """Positive-prompt embeddings (b,77,D) float32 (§4.3 step 3, §7.1)."""
+        return self.backbone.prompt_embeds.expand(batch_size, -1, -1).float()
+
+    def _micro_batches(self, lq: Tensor, gt: Tensor, index: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+        size = self.hparams.micro_batch_size or lq.shape[0]  # accumulate = ceil(B / micro_batch_size), §4.3
+        return list(zip(lq.split(size), gt.split(size), index.split(size), strict=True))
+
+    def _term_means(self, terms: dict[str, Tensor], index: Tensor) -> dict[str, float]:
+        """Batch means of per-sample terms (B,), overall and per starting timestep (l2_t250, ...; NaN where a
+        timestep was not drawn), with one device sync."""
+        hit = index[:, None] == self.train_indices[None]  # (B, T)
+        stacked = torch.stack(list(terms.values()))  # (N, B)
+        per_t = torch.where(hit[None], stacked[:, :, None], 0.0).sum(1) / hit.sum(0)  # (N, T); 0/0 = NaN
+        values = torch.cat([stacked.mean(1), per_t.flatten()]).tolist()
+        return dict(
+            zip([*terms, *(f"{n}_t{t}" for n in terms for t in self.train_timesteps)], values, strict=True)
+        )
