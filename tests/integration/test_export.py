@@ -1,0 +1,87 @@
+"""invsr-export round trip: checkpoint of a real (tiny, CPU) training run -> safetensors + official .pth."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from callbacks.ema import NoisePredictorEMA
+from invsr_pl.export import OFFICIAL_NAME, main
+from invsr_pl.invsr_module import InvSRLitModule
+from invsr_pl.models.noise_predictor import NoisePredictor
+from invsr_pl.models.tiny import build_tiny_sd_turbo
+
+TINY_NP = dict(block_out_channels=(32, 32), layers_per_block=1, attention_head_dim=8, norm_num_groups=8,
+               temb_channels=32)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, InvSRLitModule]:
+    """Three G-only iterations with the EMA callback, then a checkpoint (D and LPIPS are not needed)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a shared CPU: a second thread only spins
+    torch.manual_seed(0)
+    module = InvSRLitModule(
+        backbone=build_tiny_sd_turbo(seed=0),
+        noise_predictor=NoisePredictor(**TINY_NP),
+        lpips_weight=0.0,
+        optimizer_g=partial(torch.optim.AdamW, lr=1e-3),
+        lr_warmup_steps=0,
+        gradient_checkpointing=False,
+        val_lpips=False,
+    )
+    g = torch.Generator().manual_seed(0)
+    batches = [{"lq": torch.rand(2, 3, 16, 16, generator=g), "gt": torch.rand(2, 3, 64, 64, generator=g)}] * 3
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[NoisePredictorEMA()],
+    )  # fmt: skip
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    path = tmp_path_factory.mktemp("ckpt") / "last.ckpt"
+    trainer.save_checkpoint(path)
+    torch.set_num_threads(threads)
+    return path, module
+
+
+def test_export_ema_round_trip(trained: tuple[Path, InvSRLitModule], tmp_path: Path) -> None:
+    path, module = trained
+    assert main([str(path), str(tmp_path)]) == 0
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ema = ckpt["ema_noise_predictor"]
+    raw = module.noise_predictor.state_dict()
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw)  # the EMA really differs from the raw weights
+
+    official = NoisePredictor.from_official(tmp_path / OFFICIAL_NAME, **TINY_NP)  # strict load
+    state = torch.load(tmp_path / OFFICIAL_NAME, map_location="cpu", weights_only=True)
+    assert type(state) is dict and all(k.startswith("encoder.") for k in state)
+    assert all(v.dtype == torch.float32 for v in state.values())
+    pretrained = NoisePredictor.from_pretrained(tmp_path)
+    for model in (official, pretrained):
+        got = model.state_dict()
+        assert got.keys() == ema.keys()
+        assert all(torch.equal(got[k], ema[k].float()) for k in ema)
+
+
+def test_export_raw_weights_with_no_ema(trained: tuple[Path, InvSRLitModule], tmp_path: Path) -> None:
+    path, module = trained
+    assert main([str(path), str(tmp_path), "--no-ema"]) == 0
+    got = NoisePredictor.from_official(tmp_path / OFFICIAL_NAME, **TINY_NP).state_dict()
+    assert all(torch.equal(got[k], v) for k, v in module.noise_predictor.state_dict().items())
+
+
+def test_export_errors_are_clear(trained: tuple[Path, InvSRLitModule], tmp_path: Path) -> None:
+    path, _ = trained
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    del ckpt["ema_noise_predictor"]
+    no_ema = tmp_path / "no_ema.ckpt"
+    torch.save(ckpt, no_ema)
+    with pytest.raises(SystemExit) as err:
+        main([str(no_ema), str(tmp_path / "out")])
+    assert err.value.code == 2
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "missing.ckpt"), str(tmp_path / "out")])
