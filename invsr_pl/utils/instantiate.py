@@ -29,8 +29,12 @@ def _instantiate_each(cfg: Mapping | None, kind: type, what: str) -> list[Any]:
     for name, entry in cfg.items():
         if entry is None:  # e.g. `callbacks.image_logger=null` on the command line
             continue
-        if not isinstance(entry, Mapping) or "_target_" not in entry:
-            raise ValueError(f"{what} entry {name!r} needs a _target_")
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{what} entry {name!r} must be a mapping with a _target_, got {entry!r}")
+        if "_target_" not in entry:
+            # an experiment tuned a callback/logger that the chosen group option does not include
+            log.warning("%s entry %r has no _target_ (not in the selected group option): skipped", what, name)
+            continue
         obj = hydra.utils.instantiate(entry)
         if not isinstance(obj, kind):
             raise TypeError(f"{what} entry {name!r} built a {type(obj).__name__}, expected {kind.__name__}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from omegaconf import DictConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "conf"
+if str(REPO_ROOT) not in sys.path:  # train.py lives at the repository root, outside any package
+    sys.path.insert(0, str(REPO_ROOT))
 
 
 def compose_train(overrides: list[str], tmp_path: Path | None = None) -> DictConfig:
@@ -25,6 +28,8 @@ def compose_train(overrides: list[str], tmp_path: Path | None = None) -> DictCon
         paths += [f"paths.output_dir={tmp_path / 'run'}", f"paths.log_dir={tmp_path / 'logs'}"]
     else:
         paths += ["paths.output_dir=/nonexistent/compose-only"]
+    given = {o.split("=", 1)[0] for o in overrides}
+    paths = [p for p in paths if p.split("=", 1)[0] not in given]  # an explicit override wins
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name="train", overrides=[*paths, *overrides])

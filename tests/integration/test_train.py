@@ -1,0 +1,162 @@
+"""End-to-end ``train(cfg)``: smoke and quick-start runs, exact resume, 2-process DDP on CPU."""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as L
+import pytest
+import torch
+from omegaconf import DictConfig
+
+from callbacks.ema import EMA_CHECKPOINT_KEY, NoisePredictorEMA
+from train import train
+
+MakeCfg = Callable[..., DictConfig]
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _assert_run_outputs(run_dir: Path) -> dict[str, Any]:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_file(), f"no checkpoint in {run_dir}"
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert list((run_dir / "images" / "val").glob("step_*.png")), "no validation image grid"
+    ckpt = _load(last)
+    assert EMA_CHECKPOINT_KEY in ckpt
+    assert not any(k.startswith("backbone.") for k in ckpt["state_dict"]), "frozen SD-Turbo in the checkpoint"
+    return ckpt
+
+
+def test_smoke_run(train_cfg: MakeCfg, tmp_path: Path) -> None:
+    metrics, objects = train(train_cfg("experiment=smoke"))
+    ckpt = _assert_run_outputs(tmp_path / "run")
+    assert objects["model"].iteration == 4
+    assert math.isfinite(metrics["val/psnr_1step"])
+    np_keys = set(objects["model"].noise_predictor.state_dict())
+    assert set(ckpt[EMA_CHECKPOINT_KEY]) == np_keys
+
+
+@pytest.mark.slow
+def test_quickstart_run(train_cfg: MakeCfg, tmp_path: Path) -> None:
+    start = time.perf_counter()
+    metrics, objects = train(train_cfg("experiment=quickstart"))
+    elapsed = time.perf_counter() - start
+    _assert_run_outputs(tmp_path / "run")
+    assert objects["model"].iteration == objects["cfg"].model.max_iterations
+    assert "val/psnr_1step" in metrics
+    print(f"quickstart: {elapsed:.1f} s")
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def _csv_losses(run_dir: Path) -> dict[int, float]:
+    losses: dict[int, float] = {}
+    for path in run_dir.rglob("metrics.csv"):
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                if row.get("train/loss"):
+                    losses[int(row["step"])] = float(row["train/loss"])
+    return losses
+
+
+def _assert_same_tree(a: Any, b: Any, where: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor), where
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{where}: {m}")
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{where}: keys differ"
+        for k in a:
+            _assert_same_tree(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same_tree(x, y, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-6), where
+    else:
+        assert a == b, where
+
+
+@pytest.mark.slow
+def test_resume_matches_uninterrupted_run(train_cfg: MakeCfg, tmp_path: Path) -> None:
+    """4 iterations == 2 + resume from last.ckpt (``ckpt_path=last``) + 2 more, to float tolerance."""
+    common = [
+        "experiment=smoke",
+        "logger=csv",
+        "trainer.val_check_interval=100",  # no validation: this compares training state only
+        "callbacks.model_checkpoint.every_n_train_steps=2",  # every iteration (G + D steps)
+        "callbacks.image_logger=null",
+    ]
+    train(train_cfg(*common, "model.max_iterations=4", subdir="full"))
+    full = _load(tmp_path / "full" / "run" / "checkpoints" / "last.ckpt")
+
+    logs = tmp_path / "split" / "logs"
+    first = [*common, f"paths.log_dir={logs}", f"paths.output_dir={logs}/smoke/runs/first"]
+    train(train_cfg(*first, "model.max_iterations=2", subdir="split"))
+    assert _load(logs / "smoke/runs/first/checkpoints/last.ckpt")["invsr_iteration"] == 2
+    second = [*common, f"paths.log_dir={logs}", f"paths.output_dir={logs}/smoke/runs/second"]
+    second.append("ckpt_path=last")
+    _, objects = train(train_cfg(*second, "model.max_iterations=4", subdir="split"))
+    assert objects["ckpt_path"].endswith("first/checkpoints/last.ckpt")
+    resumed = _load(logs / "smoke/runs/second/checkpoints/last.ckpt")
+
+    assert resumed["global_step"] == full["global_step"]
+    assert resumed["invsr_iteration"] == full["invsr_iteration"] == 4
+    for key in ("state_dict", EMA_CHECKPOINT_KEY, "optimizer_states", "lr_schedulers"):
+        _assert_same_tree(full[key], resumed[key], key)
+    ema_state = [v for k, v in full["callbacks"].items() if "NoisePredictorEMA" in k]
+    assert ema_state and ema_state[0]["num_updates"] == 4
+    _assert_same_tree(full["callbacks"], resumed["callbacks"], "callbacks")
+
+    full_losses = _csv_losses(tmp_path / "full" / "run")
+    split_losses = {**_csv_losses(logs / "smoke/runs/first"), **_csv_losses(logs / "smoke/runs/second")}
+    assert full_losses and set(full_losses) == set(split_losses)
+    for step, loss in full_losses.items():
+        assert split_losses[step] == pytest.approx(loss, rel=1e-5), f"loss differs at step {step}"
+
+
+# ---------------------------------------------------------------------------------------------- DDP
+class DumpRankWeights(L.Callback):
+    """Each rank saves its noise predictor, discriminator and EMA weights after training."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        ema = next(c for c in trainer.callbacks if isinstance(c, NoisePredictorEMA))
+        state = {
+            "np": pl_module.noise_predictor.state_dict(),
+            "d": pl_module.discriminator.state_dict(),
+            "ema": ema.ema,
+            "iteration": pl_module.iteration,
+        }
+        torch.save(state, Path(self.folder) / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_sim_ranks_stay_identical(train_cfg: MakeCfg, tmp_path: Path) -> None:
+    dump = tmp_path / "ranks"
+    dump.mkdir()
+    cfg = train_cfg(
+        "experiment=smoke",
+        "trainer=ddp_sim",
+        "model.max_iterations=3",
+        "logger=csv",
+        f"+callbacks.dump._target_={__name__}.DumpRankWeights",
+        f"+callbacks.dump.folder={dump}",
+    )
+    train(cfg)
+    r0, r1 = _load(dump / "rank0.pt"), _load(dump / "rank1.pt")
+    assert r0["iteration"] == r1["iteration"] == 3
+    for part in ("np", "d", "ema"):
+        for k, v in r0[part].items():
+            assert torch.equal(v, r1[part][k]), f"{part}.{k} differs across ranks"
+    # training moved the weights away from their average (so the comparison is not vacuous)
+    assert any(not torch.equal(r0["np"][k], r0["ema"][k]) for k in r0["np"])
