@@ -23,8 +23,6 @@ TINY_NP = dict(block_out_channels=(32, 32), layers_per_block=1, attention_head_d
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, InvSRLitModule]:
     """Three G-only iterations with the EMA callback, then a checkpoint (D and LPIPS are not needed)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared CPU: a second thread only spins
     torch.manual_seed(0)
     module = InvSRLitModule(
         backbone=build_tiny_sd_turbo(seed=0),
@@ -44,7 +42,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, InvSRLitMod
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     path = tmp_path_factory.mktemp("ckpt") / "last.ckpt"
     trainer.save_checkpoint(path)
-    torch.set_num_threads(threads)
     return path, module
 
 

@@ -22,15 +22,6 @@ TINY_NP = dict(block_out_channels=(32, 32), layers_per_block=1, attention_head_d
 LQ, GT = 16, 64  # LQ 16 px -> GT 64 px (x4) -> latent 8 px
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared CPU: extra intra-op threads only spin (10x slower with 2 threads here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_module(seed: int = 0, **overrides) -> InvSRLitModule:
     """Tiny backbone + NP + discriminator + random-init latent LPIPS; fast defaults for CPU tests."""
     torch.manual_seed(seed)
