@@ -72,7 +72,7 @@ def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def changed(before: dict, module: torch.nn.Module) -> list[str]:
-    return [k for k, v in module.state_dict().items() if not torch.equal(v, before[k])]
+    return [k for k, v in module.state_dict().items() if not torch.equal(v.cpu(), before[k].cpu())]
 
 
 class Recorder(L.Callback):
@@ -250,3 +250,29 @@ def test_validation_metrics_and_images() -> None:
     assert set(images["sr"]) == {1, 2} and images["sr"][2].shape == (1, 3, GT, GT)
     sr = module(val[0]["lq"], num_steps=1, generator=torch.Generator().manual_seed(0))
     assert sr.shape == (2, 3, GT, GT) and float(sr.min()) >= 0.0 and float(sr.max()) <= 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_amp_steps_on_cuda_clip_unscaled_gradients(precision: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under "16-mixed" the GradScaler scales the loss in manual_backward and unscales inside opt.step()
+    before on_before_optimizer_step, where the module clips: the clip must see unscaled gradients."""
+    module = make_module(grad_clip_g=1e-3, grad_clip_d=1e-3, dis_warmup_steps=1)
+    frozen, np_before = snapshot(module.backbone), snapshot(module.noise_predictor)
+    stages: list[str] = []
+    original = module.clip_gradients
+
+    def spy(optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        scaler = module.trainer.precision_plugin.scaler
+        if scaler is not None:
+            stages.append(scaler._per_optimizer_states[id(optimizer)]["stage"].name)
+        original(
+            optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm
+        )
+
+    monkeypatch.setattr(module, "clip_gradients", spy)
+    fit(module, make_batches(3), accelerator="gpu", precision=precision)
+    assert module.iteration == 3 and module.skipped_steps == 0
+    assert changed(np_before, module.noise_predictor) and changed(frozen, module.backbone) == []
+    if precision == "16-mixed":
+        assert stages and set(stages) == {"UNSCALED"}
