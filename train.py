@@ -48,9 +48,11 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         torch.set_float32_matmul_precision("high")  # TF32 as in the reference (INVSR_REFERENCE §4.5)
 
     log.info("Instantiating datamodule <%s>", cfg.data._target_)
-    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    # _convert_="all": plain lists/dicts reach the constructors, so saved hyper-parameters hold no OmegaConf
+    # types and checkpoints load with torch.load(weights_only=True) (Lightning's default when resuming)
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
     log.info("Instantiating model <%s>", cfg.model._target_)
-    model: L.LightningModule = hydra.utils.instantiate(cfg.model)
+    model: L.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = instantiate_trainer(cfg.trainer, callbacks=callbacks, loggers=loggers)
