@@ -34,26 +34,25 @@ from invsr_pl import metrics as M
 
 def load_noise_predictor(cfg: DictConfig) -> tuple[torch.nn.Module, str]:
     """Build the noise predictor and load ``cfg.ckpt_path``; returns it with a note saying which weights."""
+    from invsr_pl.export import CONFIG_KEY, EMA_KEY, load_checkpoint, noise_predictor_state
     from invsr_pl.models.noise_predictor import NoisePredictor
 
-    path = cfg.ckpt_path
-    if path is None:
+    if cfg.ckpt_path is None:
         return instantiate(cfg.model.noise_predictor), "random init (no ckpt_path)"
-    path = Path(str(path)).expanduser()
+    path = Path(str(cfg.ckpt_path)).expanduser()
     if path.is_dir():
         return NoisePredictor.from_pretrained(path), f"exported folder {path}"
-    model = instantiate(cfg.model.noise_predictor)
-    if path.suffix != ".ckpt":
-        return model.load_checkpoint(path), f"weights file {path}"
-    # Our own Lightning checkpoint: it may pickle config objects, so weights_only=False (trusted file).
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
-    if cfg.use_ema and "ema_noise_predictor" in ckpt:
-        state, note = ckpt["ema_noise_predictor"], "EMA weights"
-    else:
-        prefix = "noise_predictor."
-        state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-        note = "module weights" + (" (checkpoint has no EMA)" if cfg.use_ema else "")
-    model.load_state_dict(state, strict=True)
+    if path.suffix != ".ckpt":  # official .pth or .safetensors: architecture from model/noise_predictor
+        return instantiate(cfg.model.noise_predictor).load_checkpoint(path), f"weights file {path}"
+    ckpt = load_checkpoint(path)  # our Lightning checkpoint (layout: invsr_pl/export.py)
+    use_ema = bool(cfg.use_ema) and EMA_KEY in ckpt  # EMA by default, else the module's noise_predictor.*
+    note = (
+        "EMA weights" if use_ema else "module weights" + (" (checkpoint has no EMA)" if cfg.use_ema else "")
+    )
+    model = (
+        NoisePredictor(**ckpt[CONFIG_KEY]) if CONFIG_KEY in ckpt else instantiate(cfg.model.noise_predictor)
+    )
+    model.load_state_dict(noise_predictor_state(ckpt, use_ema), strict=True)
     return model, f"{note} of {path}"
 
 
@@ -237,21 +236,22 @@ def _image_dir(cfg: DictConfig, out_dir: Path, bench: str, label: str, need_for_
 
 
 def _fid(scorer, spec, bcfg, dataset, sr_dir, out_dir, bench, unavailable) -> float | None:
-    """FID of one row's SR folder against the GT folder (paired) or ``fid_reference_dir`` (LQ-only, §4.2)."""
-    gt_dir = getattr(dataset, "gt_dir", None)
+    """FID of one row's SR folder against the GT folder (paired, ``mode``, §4.1) or ``fid_reference_dir``
+    (LQ-only, ``mode_no_reference``, §4.2)."""
     if "gt" in dataset[0]:
-        if gt_dir is None:  # synthesised GT (built-in samples): write it once
+        gt_dir = getattr(dataset, "gt_dir", None)
+        if gt_dir is None:  # synthesised GT (built-in samples): written once per run
             from invsr_pl.utils.images import write_image
 
             gt_dir = out_dir / "images" / bench / "_gt"
             for i in range(len(dataset)):
                 item = dataset[i]
-                write_image(gt_dir / f"{item['name']}.png", item["gt"])
+                if not (gt_dir / f"{item['name']}.png").exists():
+                    write_image(gt_dir / f"{item['name']}.png", item["gt"])
         return M.compute_fid(scorer, sr_dir, gt_dir, spec.options.get("mode", "clean"))
-    if bcfg.get("fid_reference_dir"):
-        return M.compute_fid(
-            scorer, sr_dir, bcfg.fid_reference_dir, spec.options.get("mode_no_reference", "clean")
-        )
+    reference = bcfg.get("fid_reference_dir")
+    if reference:
+        return M.compute_fid(scorer, sr_dir, reference, spec.options.get("mode_no_reference", "clean"))
     unavailable[f"fid ({bench})"] = "LQ-only benchmark without fid_reference_dir"
     return None
 

@@ -154,6 +154,16 @@ def test_load_noise_predictor_sources(tmp_path: Path) -> None:
         cfg.use_ema = False
     model, note = ev.load_noise_predictor(cfg)
     assert note.startswith("module") and _same(model.state_dict(), reference.state_dict())
+    # no EMA in the checkpoint: falls back to the module weights; the recorded ctor config wins over the YAML
+    del ckpt["ema_noise_predictor"]
+    ckpt["noise_predictor_config"] = dict(reference.config)
+    torch.save(ckpt, tmp_path / "no_ema.ckpt")
+    with open_dict(cfg):
+        cfg.use_ema = True
+        cfg.ckpt_path = str(tmp_path / "no_ema.ckpt")
+        cfg.model.noise_predictor.temb_channels = 1  # would fail if used
+    model, note = ev.load_noise_predictor(cfg)
+    assert "no EMA" in note and _same(model.state_dict(), reference.state_dict())
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -179,3 +189,27 @@ def test_torchrun_two_ranks_gather_one_table(tmp_path: Path) -> None:
     mean = sum(float(r["psnr"]) for r in per_image) / 3
     assert float(table[0]["PSNR↑"]) == pytest.approx(mean, rel=1e-6)  # reduced across both ranks
     assert json.loads((out / "metadata.json").read_text())["world_size"] == 2
+
+
+def test_fid_modes_follow_the_protocol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Paired sets: FID(SR, GT) in `mode`; LQ-only sets: against fid_reference_dir in `mode_no_reference`."""
+    from invsr_pl.metrics import Protocol
+
+    calls = []
+    monkeypatch.setattr(
+        ev.M, "compute_fid", lambda scorer, sr, ref, mode: calls.append((str(ref), mode)) or 1.0
+    )
+    spec = {"label": "FID", "backend": "fid", "name": "fid", "higher_better": False, "full_reference": True}
+    invsr = Protocol(
+        "invsr", "", {"fid": {**spec, "options": {"mode": "clean", "mode_no_reference": "legacy_pytorch"}}}
+    )
+    lq_only = [{"lq": torch.rand(3, 4, 4), "name": "a"}]
+    paired = [{"lq": torch.rand(3, 4, 4), "gt": torch.rand(3, 16, 16), "name": "a"}]
+    unavailable: dict = {}
+    fid_spec = invsr.specs["fid"]
+    assert ev._fid(None, fid_spec, {}, lq_only, tmp_path / "sr", tmp_path, "realset80", unavailable) is None
+    assert "realset80" in next(iter(unavailable))
+    ev._fid(None, fid_spec, {"fid_reference_dir": "/hr"}, lq_only, tmp_path / "sr", tmp_path, "realset80", {})
+    ev._fid(None, fid_spec, {}, paired, tmp_path / "sr", tmp_path, "samples", {})
+    assert calls == [("/hr", "legacy_pytorch"), (str(tmp_path / "images" / "samples" / "_gt"), "clean")]
+    assert (tmp_path / "images" / "samples" / "_gt" / "a.png").is_file()  # synthesised GT written once
