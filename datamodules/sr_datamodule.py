@@ -235,9 +235,8 @@ class SRDataModule(LightningDataModule):
             if self._test_specs is None:
                 self._test_sets = {"val": self.val_set} if self.val_set is not None else {}
             else:
-                self._test_sets = {
-                    str(k): _build(v, f"test_datasets.{k}") for k, v in self._test_specs.items()
-                }
+                built = {str(k): _build(v, f"test_datasets.{k}") for k, v in self._test_specs.items()}
+                self._test_sets = {k: v for k, v in built.items() if v is not None}  # null entries = disabled
         return self._test_sets
 
     @property
@@ -246,7 +245,7 @@ class SRDataModule(LightningDataModule):
         return list(self.test_sets)
 
     def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit") and self.train_set is None:
+        if stage == "fit" and self.train_set is None:
             raise ValueError("SRDataModule needs a train_dataset to fit")
         if stage in (None, "fit", "validate"):
             _ = self.val_set

@@ -175,3 +175,24 @@ def test_data_configs_compose_and_samples_instantiates():
     out = dm.degrade_batch(next(iter(dm.train_dataloader())))
     assert out["lq"].shape == (2, 3, 16, 16)
     assert next(iter(dm.val_dataloader()))["lq"].shape == (1, 3, 16, 16)
+
+
+@pytest.mark.gpu
+def test_gpu_degradation_state_round_trip_and_trainer(tmp_path):
+    gt = ((torch.rand(2, 3, 64, 64) * 255).round() / 255).cuda()
+    dm = _dm(pool=4)
+    for _ in range(3):
+        dm.degrade_batch({"gt": gt})
+    state = dm.state_dict()
+    assert state["ranks"][0]["generator"]["device_type"] == "cuda"
+    want = dm.degrade_batch({"gt": gt})
+    other = _dm(pool=4)
+    other.load_state_dict(state)
+    got = other.degrade_batch({"gt": gt})
+    assert got["lq"].is_cuda and got["lq"].shape == (2, 3, 16, 16)
+    torch.testing.assert_close(got["lq"], want["lq"], rtol=0, atol=0)
+    torch.testing.assert_close(got["gt"], want["gt"], rtol=0, atol=0)
+    model = _Recorder()
+    trainer = L.Trainer(accelerator="gpu", devices=1, fast_dev_run=2, logger=False, default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=_dm(pool=2))
+    assert model.train_batches[0]["lq"].is_cuda and model.train_batches[0]["lq"].shape == (2, 3, 16, 16)
