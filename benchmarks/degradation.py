@@ -51,7 +51,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _instrument(times: dict[str, float], device: torch.device) -> None:
+def _instrument(times: dict[str, float], cpu_times: dict[str, float], device: torch.device) -> None:
     """Wrap the ops (module attributes the pipeline calls) with timers; nested calls count once."""
     depth = [0]
 
@@ -64,12 +64,13 @@ def _instrument(times: dict[str, float], device: torch.device) -> None:
                 return fn(*a, **k)
             depth[0] += 1
             _sync(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             try:
                 return fn(*a, **k)
             finally:
                 _sync(device)
                 times[name] += time.perf_counter() - t
+                cpu_times[name] += time.process_time() - c
                 depth[0] -= 1
 
         setattr(mod, name, timed)
@@ -132,15 +133,19 @@ def main() -> None:
     if args.no_breakdown:
         return
     times: dict[str, float] = defaultdict(float)
-    _instrument(times, device)
-    t = time.perf_counter()
+    cpu_times: dict[str, float] = defaultdict(float)
+    _instrument(times, cpu_times, device)
+    t, c = time.perf_counter(), time.process_time()
     for _ in range(args.iters):
         deg(gt, g)
     _sync(device)
-    wall = time.perf_counter() - t
-    print("per-op share of time (instrumented pass, synchronised per op):")
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    print("per-op share of time (instrumented pass, synchronised per op; share of wall | share of CPU time):")
     for name, v in sorted(times.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:20s} {v / wall * 100:5.1f} %  {v / args.iters * 1000:7.1f} ms/batch")
+        print(
+            f"  {name:20s} {v / wall * 100:5.1f} % | {cpu_times[name] / cpu * 100:5.1f} %  "
+            f"{v / args.iters * 1000:7.1f} ms/batch"
+        )
     rest = wall - sum(times.values())
     print(f"  {'other':20s} {rest / wall * 100:5.1f} %  {rest / args.iters * 1000:7.1f} ms/batch")
 

@@ -40,7 +40,7 @@ def filter2d(x: Tensor, kernel: Tensor) -> Tensor:
 
     Args:
         x: (B, C, H, W) float.
-        kernel: (B, k, k) or (k, k) float, k odd; zero borders are trimmed first (same result, less work).
+        kernel: (B, k, k) or (k, k) float, k odd; all-zero outer rings are skipped (same result).
 
     Returns:
         (B, C, H, W), same dtype. Not clamped (sinc kernels have negative lobes).
@@ -53,19 +53,34 @@ def filter2d(x: Tensor, kernel: Tensor) -> Tensor:
     k = kernel.shape[-1]
     if k % 2 == 0:
         raise ValueError(f"kernel size must be odd, got {k}")
-    # Trim all-zero outer rings shared by the batch: kernels padded to 21 are mostly smaller.
-    nz = (kernel != 0).any(dim=0)
-    rows = torch.nonzero(nz.any(dim=1)).flatten()
-    cols = torch.nonzero(nz.any(dim=0)).flatten()
-    if rows.numel():
-        c = k // 2
-        r = int(max(c - rows.min(), rows.max() - c, c - cols.min(), cols.max() - c))
-        kernel = kernel[:, c - r : c + r + 1, c - r : c + r + 1]
-    pad = kernel.shape[-1] // 2
+    # Per-sample support radius: kernels padded to 21 are mostly much smaller, and a depthwise convolution
+    # costs ~k^2, so samples are grouped by radius and each group is convolved with its trimmed kernel
+    # (identical result: the trimmed taps are zero). At most k // 2 + 1 groups.
+    c = k // 2
+    offset = (torch.arange(k, device=kernel.device) - c).abs()
+    ring = torch.maximum(offset.view(-1, 1), offset.view(1, -1))  # (k, k) Chebyshev distance from the centre
+    radius = torch.where(kernel != 0, ring, torch.zeros_like(ring)).flatten(1).amax(dim=1).tolist()
+    kernel = kernel.to(x.dtype)
+    groups = sorted(set(radius))
+    if len(groups) == 1:
+        return _filter2d_trimmed(x, kernel, groups[0])
+    out = torch.empty_like(x)
+    for r in groups:
+        idx = torch.tensor([i for i, v in enumerate(radius) if v == r], device=x.device)
+        out[idx] = _filter2d_trimmed(x[idx], kernel[idx], r)
+    return out
+
+
+def _filter2d_trimmed(x: Tensor, kernel: Tensor, radius: int) -> Tensor:
+    """Depthwise convolution with the centred (2 radius + 1)^2 part of each (B, k, k) kernel."""
+    c = kernel.shape[-1] // 2
+    kernel = kernel[:, c - radius : c + radius + 1, c - radius : c + radius + 1]
+    if radius == 0:
+        return x * kernel.view(-1, 1, 1, 1)
     # Reflect padding needs pad < side; tiny intermediate images (strong downscale of a small crop) fall back
     # to replicate padding instead of failing.
-    border = "reflect" if pad < min(x.shape[-2:]) else "replicate"
-    return kornia.filters.filter2d(x, kernel.to(x.dtype), border_type=border)
+    border = "reflect" if radius < min(x.shape[-2:]) else "replicate"
+    return kornia.filters.filter2d(x, kernel, border_type=border)
 
 
 def resize(x: Tensor, size: tuple[int, int], mode: Tensor | str | Sequence[str]) -> Tensor:
@@ -187,12 +202,16 @@ def add_poisson_noise(
     b = x.shape[0]
     scale = _per_sample(scale, b, x).view(-1, 1, 1, 1)
     gray = torch.as_tensor(gray, device=x.device).reshape(-1).expand(b).view(-1, 1, 1, 1).bool()
-    # Gray samples sample one Poisson map from their luma (channel 0 of the broadcast luma is used below).
-    src = torch.where(gray, _gray(x).expand_as(x), x)
-    q = (src * 255.0).round().clamp(0, 255) / 255.0
-    vals = poisson_levels(q).view(-1, 1, 1, 1)
-    noise = torch.poisson(q * vals, generator=generator) / vals - q
-    noise = torch.where(gray, noise[:, :1], noise)
+    noise = torch.empty_like(x)
+    # Gray samples draw one Poisson map from their luma (a third of the samples of a colour map).
+    for sel, src in ((~gray.view(-1), None), (gray.view(-1), "gray")):
+        if not bool(sel.any()):
+            continue
+        idx = torch.nonzero(sel).flatten()
+        xs = x[idx] if src is None else _gray(x[idx])
+        q = (xs * 255.0).round().clamp(0, 255) / 255.0
+        vals = poisson_levels(q).view(-1, 1, 1, 1)
+        noise[idx] = torch.poisson(q * vals, generator=generator).div_(vals).sub_(q).expand(-1, 3, -1, -1)
     out = x + noise * scale
     return out.clamp(0, 1) if clip else out
 
@@ -268,17 +287,24 @@ def jpeg(x: Tensor, quality: Tensor | float, codec: str = "auto") -> Tensor:
             return kornia.enhance.jpeg_codec_differentiable(x.float(), quality.float()).to(x.dtype)
     from torchvision.io import decode_jpeg, encode_jpeg
 
-    u8 = (x * 255.0).round().to(torch.uint8)
+    b, _, h, w = x.shape
+    # Build the uint8 batch directly in HWC memory order: torchvision's encoder wants HWC and would otherwise
+    # make a slow per-image permuted copy. x is in [0, 1], so +0.5 then truncation is round-half-up.
+    hwc = torch.empty((b, h, w, 3), dtype=torch.uint8, device=x.device)
+    hwc.permute(0, 3, 1, 2).copy_(x * 255.0 + 0.5)
     q_int = quality.round().to(torch.int64).tolist()
-    out = torch.empty_like(x)
+    decoded_hwc = torch.empty_like(hwc)
     # One encode/decode call per distinct quality: torchvision takes a single quality per call (batched via
     # nvjpeg on CUDA; libjpeg loops in C on CPU).
     for q in sorted(set(q_int)):
         idx = [i for i, v in enumerate(q_int) if v == q]
-        encoded = encode_jpeg([u8[i] for i in idx], quality=q)
+        encoded = encode_jpeg([hwc[i].permute(2, 0, 1) for i in idx], quality=q)
         decoded = decode_jpeg(encoded, device=x.device)
-        out[torch.tensor(idx, device=x.device)] = torch.stack(decoded).to(x.dtype) / 255.0
-    return out
+        for i, d in zip(idx, decoded, strict=True):
+            decoded_hwc[i].copy_(d.permute(1, 2, 0))  # decoder output is an HWC buffer seen as CHW
+    out = torch.empty_like(x)
+    out.copy_(decoded_hwc.permute(0, 3, 1, 2))
+    return out.mul_(1.0 / 255.0)
 
 
 def quantize_8bit(x: Tensor) -> Tensor:
