@@ -280,15 +280,22 @@ class LpipsScorer(nn.Module):
     """The ``lpips`` package's LPIPS (v0.1 heads) as the official script uses it (USERS_AND_PEERS §4.1).
 
     ``forward(sr, gt)``: (B,3,H,W) float in [0,1] each -> (B,) float32 distances (lower is better).
+
+    Args:
+        net: ``"vgg"`` or ``"alex"``.
+        random_trunk: random torchvision trunk instead of the ImageNet one (tests only: needs no download).
     """
 
-    def __init__(self, net: str) -> None:
+    def __init__(self, net: str, random_trunk: bool = False) -> None:
         super().__init__()
         import lpips
 
-        self.model = lpips.LPIPS(net=net, verbose=False).eval().requires_grad_(False)
+        model = lpips.LPIPS(net=net, pnet_rand=random_trunk, verbose=False)
+        self.model = model.eval().requires_grad_(False)
 
     def forward(self, sr: Tensor, gt: Tensor) -> Tensor:
+        device = next(self.model.parameters()).device
+        sr, gt = sr.to(device), gt.to(device)
         return self.model(sr * 2 - 1, gt * 2 - 1).flatten().float()  # lpips expects [-1, 1]
 
 

@@ -213,3 +213,15 @@ def test_fid_modes_follow_the_protocol(tmp_path: Path, monkeypatch: pytest.Monke
     ev._fid(None, fid_spec, {}, paired, tmp_path / "sr", tmp_path, "samples", {})
     assert calls == [("/hr", "legacy_pytorch"), (str(tmp_path / "images" / "samples" / "_gt"), "clean")]
     assert (tmp_path / "images" / "samples" / "_gt" / "a.png").is_file()  # synthesised GT written once
+
+
+def test_table1_study_composes_to_the_paper_rows(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, "study=table1")
+    rows = ev._study_rows(cfg)
+    assert [r["timesteps"] for r in rows] == [
+        [250, 200, 150, 100, 50], [250, 150, 50], [200, 100, 50], [150, 100, 50], [250], [200], [150], [100]
+    ]  # fmt: skip
+    assert rows[1]["label"] == "{250,150,50}"
+    steps = ev._study_rows(make_cfg(tmp_path, "study=steps"))
+    assert [r["label"] for r in steps] == [f"InvSR-{n}" for n in range(1, 6)]
+    assert steps[4]["timesteps"] == [250, 200, 150, 100, 50]  # INVSR_REFERENCE §5.1

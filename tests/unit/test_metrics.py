@@ -205,3 +205,21 @@ def test_make_metrics_skips_reference_metrics_on_lq_only_sets(
     scorers = {"psnr": psnr, "niqe": lambda sr: sr.mean(dim=(1, 2, 3))}
     assert set(M.make_metrics(scorers, specs, paired=True)) == {"psnr", "niqe"}
     assert set(M.make_metrics(scorers, specs, paired=False)) == {"niqe"}
+
+
+def test_lpips_scorer_rescales_and_returns_one_value_per_image() -> None:
+    scorer = M.LpipsScorer("alex", random_trunk=True)  # random trunk: no torchvision download
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    same, diff = scorer(x, x.clone()), scorer(x, x.flip(0))
+    assert same.shape == (2,) and same.dtype == torch.float32 and torch.allclose(same, torch.zeros(2))
+    assert (diff > 0).all()
+
+
+def test_pyiqa_no_reference_scorer_in_the_adapter() -> None:
+    scorer = M.PyiqaScorer(
+        "entropy", full_reference=False, device=torch.device("cpu")
+    )  # weight-free NR metric
+    metric = M.ImageQualityMetric(scorer, full_reference=False, higher_better=True)
+    metric.update(torch.rand(3, 3, 16, 16))
+    assert metric.last_scores.shape == (3,) and int(metric.count) == 3
+    assert metric.compute().item() == pytest.approx(metric.last_scores.mean().item())
