@@ -196,3 +196,23 @@ def test_gpu_degradation_state_round_trip_and_trainer(tmp_path):
     trainer = L.Trainer(accelerator="gpu", devices=1, fast_dev_run=2, logger=False, default_root_dir=tmp_path)
     trainer.fit(model, datamodule=_dm(pool=2))
     assert model.train_batches[0]["lq"].is_cuda and model.train_batches[0]["lq"].shape == (2, 3, 16, 16)
+
+
+def _epoch_batches(dm: SRDataModule, epochs: int) -> list[torch.Tensor]:
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    return [batch["gt"] for _ in range(epochs) for batch in loader]
+
+
+def test_worker_crops_are_seeded_per_rank_worker_and_epoch():
+    def make() -> SRDataModule:
+        dm = _dm(repeat=2)
+        dm.num_workers, dm.persistent_workers = 2, False
+        return dm
+
+    first, second = _epoch_batches(make(), 2), _epoch_batches(make(), 2)
+    assert len(first) == 4
+    for a, b in zip(first, second, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # same seed -> same batches, with workers
+    epoch0, epoch1 = torch.cat(first[:2]), torch.cat(first[2:])
+    assert not torch.equal(epoch0, epoch1)  # a new epoch draws new crops
