@@ -11,6 +11,7 @@ Samples are unbatched dicts of CHW ``float32`` tensors in [0, 1]:
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -133,6 +134,8 @@ class ImageSource:
             images, INVSR_REFERENCE §6.1); ``None`` keeps all.
         recursive: scan sub-folders too (FFHQ keeps its images in 1000-image sub-folders).
         extensions: accepted suffixes, case-insensitive.
+        pattern: optional glob on the POSIX path relative to ``root`` (``fnmatch``, ``*`` also crosses
+            ``/``), e.g. ``"0000*/*.png"``; applied before ``length``.
         repeat: integer sampling weight: each image appears ``repeat`` times per epoch.
     """
 
@@ -141,6 +144,7 @@ class ImageSource:
     length: int | None = None
     recursive: bool = True
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS
+    pattern: str | None = None
     repeat: int = 1
 
     def __post_init__(self) -> None:
@@ -183,6 +187,11 @@ class ImageSource:
             files = [base / ln for ln in lines if ln and not ln.startswith("#")]
         else:
             files = list_images(self.root, recursive=self.recursive, extensions=self.extensions)
+            if self.pattern is not None:
+                root = Path(self.root).expanduser()
+                files = [
+                    p for p in files if fnmatch.fnmatchcase(p.relative_to(root).as_posix(), self.pattern)
+                ]
         if self.length is not None:
             files = files[: self.length]
         if not files:

@@ -72,6 +72,8 @@ def test_multi_source_lengths_repeat_and_file_list(tmp_path):
         "00000.png",
     ]
     assert ds.source_sizes == [4, 3, 2]
+    picked = ImageSource(root=str(tmp_path / "ffhq"), pattern="01/*.png").files()
+    assert [p.name for p in picked] == ["00002.png", "00003.png"]
     assert len(ds) == 9
     # values survive decoding: item 4 is FFHQ image 0 (all zeros), item 1 is LSDIR image 1 (value 101)
     assert ds[4]["gt"].max() == 0.0
