@@ -167,11 +167,11 @@ class InvSRLitModule(L.LightningModule):
         # §4.3 step 8 / §4.4: G gets the adversarial term after the D warm-up; D trains from iteration 1
         adversarial = self.discriminator is not None and hp.gan_weight > 0 and k > hp.dis_warmup_steps
         fakes = self._generator_step(lq, gt, index, gen, adversarial)
-        update_d = self.discriminator is not None and (
-            k <= hp.dis_warmup_steps or k % hp.dis_update_freq == 0
-        )
+        update_d = k <= hp.dis_warmup_steps or k % hp.dis_update_freq == 0
+        update_d = update_d and self.discriminator is not None
         d_ok = self._discriminator_step(fakes, lq.shape[0]) if update_d and fakes is not None else True
-        self.lr_schedulers().step()  # the G warm-up follows the iteration counter, skipped or not
+        if fakes is not None:
+            self.lr_schedulers().step()  # the G warm-up counts G updates; skipped steps do not advance it
         if fakes is not None and d_ok:
             self.consecutive_nonfinite = 0
         self._log_step(lq.shape[0])
@@ -197,9 +197,8 @@ class InvSRLitModule(L.LightningModule):
         means = self._term_means({k: torch.cat(v) for k, v in per_sample.items()}, index)
         if not self._step_if_finite(opt_g, self.noise_predictor, means["loss"], "generator", means):
             return None
-        self.log_dict(
-            {f"train/{k}": v for k, v in means.items() if not math.isnan(v)}, batch_size=lq.shape[0]
-        )
+        logs = {f"train/{k}": v for k, v in means.items() if not math.isnan(v)}  # absent timesteps are NaN
+        self.log_dict(logs, batch_size=lq.shape[0])
         return fakes
 
     def _generator_losses(
@@ -213,10 +212,9 @@ class InvSRLitModule(L.LightningModule):
             z_lq = self.backbone.encode(lq_up, generator=gen)
             z_gt = self.backbone.encode(gt, generator=gen)
         sigma = self.backbone.sigma(index).view(-1, 1, 1, 1)
-        noise = self.noise_predictor(lq, index).sample(generator=gen)  # reparameterised, §4.3 step 5
-        x0 = self.backbone.predict_x0(
-            z_lq + sigma * noise.float(), index
-        )  # grads flow through the frozen UNet
+        noise = self.noise_predictor(lq, index).sample(generator=gen)  # reparameterised
+        # §4.3 steps 5-7: z_t = z_lq + sigma * noise; gradients flow through the frozen UNet into the NP
+        x0 = self.backbone.predict_x0(z_lq + sigma * noise.float(), index)
         zero = x0.new_zeros(x0.shape[0])
         terms = {"l2": (x0 - z_gt).pow(2).mean(dim=(1, 2, 3))}
         terms["lpips"] = self.lpips(x0, z_gt).float().view(-1) if hp.lpips_weight > 0 else zero
@@ -224,34 +222,27 @@ class InvSRLitModule(L.LightningModule):
         if adversarial:
             logits = self.discriminator(clamp_fake(x0), index, self._prompt(len(index)))
             terms["gan_g"] = generator_adv_loss(logits).float()
-        terms["loss"] = (
-            hp.l2_weight * terms["l2"] + hp.lpips_weight * terms["lpips"] + hp.gan_weight * terms["gan_g"]
-        )
+        weighted = hp.l2_weight * terms["l2"] + hp.lpips_weight * terms["lpips"]
+        terms["loss"] = weighted + hp.gan_weight * terms["gan_g"]
         return terms, x0, z_gt
 
     def _discriminator_step(self, fakes: list[tuple[Tensor, Tensor, Tensor]], batch_size: int) -> bool:
         """Accumulated hinge D update (§2.5, §4.4) on the G step's micro-batches; False if skipped."""
         opt_d = self._optimizers()[1]
         opt_d.zero_grad()
-        sums = torch.zeros(
-            3, device=self.device
-        )  # d_loss, mean real logit, mean fake logit (sample-weighted)
+        sums = []  # per micro-batch: summed D loss, mean real logit and mean fake logit times b
         for i, (fake, real, idx) in enumerate(fakes):
             with opt_d.toggle_model(sync_grad=i == len(fakes) - 1):
                 logits = self.discriminator(
                     torch.cat([real, fake]), idx.repeat(2), self._prompt(2 * len(idx))
                 )
-                real_logits, fake_logits = zip(*(head.chunk(2) for head in logits), strict=True)
-                loss = hinge_d_loss(list(real_logits), list(fake_logits)).float()  # (b,)
+                real_fake = list(zip(*(head.detach().float().chunk(2) for head in logits), strict=True))
+                loss = hinge_d_loss(*zip(*(head.chunk(2) for head in logits), strict=True))  # (b,)
                 self.manual_backward(loss.sum() / batch_size)
-            mean_logit = [
-                torch.stack([h.detach().float().mean() for h in hs]).mean()
-                for hs in (real_logits, fake_logits)
-            ]
-            sums += torch.stack([loss.detach().sum(), *mean_logit]) * torch.tensor(
-                [1.0, len(idx), len(idx)]
-            ).to(sums)
-        means = dict(zip(["d_loss", "d_real", "d_fake"], (sums / batch_size).tolist(), strict=True))
+            heads_mean = [torch.stack([h.mean() for h in heads]).mean() * len(idx) for heads in real_fake]
+            sums.append(torch.stack([loss.detach().sum(), *heads_mean]))
+        values = (torch.stack(sums).sum(0) / batch_size).tolist()
+        means = dict(zip(["d_loss", "d_real", "d_fake"], values, strict=True))
         if not self._step_if_finite(opt_d, self.discriminator, means["d_loss"], "discriminator", means):
             return False
         self.log_dict({f"train/{k}": v for k, v in means.items()}, batch_size=batch_size)

@@ -16,6 +16,7 @@ from invsr_pl.losses.perceptual import LatentLPIPS
 from invsr_pl.models.discriminator import TINY_DISCRIMINATOR_KWARGS, LatentDiscriminator
 from invsr_pl.models.noise_predictor import NoisePredictor
 from invsr_pl.models.tiny import build_tiny_sd_turbo
+from invsr_pl.utils.logging import parameter_summary
 
 TINY_NP = dict(block_out_channels=(32, 32), layers_per_block=1, attention_head_dim=8, norm_num_groups=8,
                temb_channels=32)  # fmt: skip
@@ -250,6 +251,15 @@ def test_validation_metrics_and_images() -> None:
     assert set(images["sr"]) == {1, 2} and images["sr"][2].shape == (1, 3, GT, GT)
     sr = module(val[0]["lq"], num_steps=1, generator=torch.Generator().manual_seed(0))
     assert sr.shape == (2, 3, GT, GT) and float(sr.min()) >= 0.0 and float(sr.max()) <= 1.0
+
+
+def test_parameter_summary_counts_frozen_and_trainable() -> None:
+    module = make_module()
+    summary = parameter_summary(module)
+    trainable = sum(p.numel() for m in (module.noise_predictor, module.discriminator) for p in m.parameters())
+    assert summary["params/trainable"] == trainable
+    assert summary["params/backbone/trainable"] == 0 and summary["params/lpips/trainable"] == 0
+    assert summary["params/noise_predictor/frozen"] == 0
 
 
 @pytest.mark.gpu

@@ -1,0 +1,78 @@
+"""Rank-zero logging: a Python logger that only speaks on global rank zero, and hyper-parameter plus
+parameter-count logging to every Lightning logger of a Trainer (ARCHITECTURE C1, C4.7)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from torch import nn
+
+
+class _RankZeroFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def get_logger(name: str = "invsr_pl") -> logging.Logger:
+    """A ``logging.Logger`` whose records are dropped on every process but global rank zero."""
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, _RankZeroFilter) for f in logger.filters):
+        logger.addFilter(_RankZeroFilter())
+    return logger
+
+
+def count_parameters(module: nn.Module) -> dict[str, int]:
+    """``{"total", "trainable", "frozen"}`` parameter counts; shared parameters are counted once."""
+    params = {id(p): p for p in module.parameters()}.values()
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    total = sum(p.numel() for p in params)
+    return {"total": total, "trainable": trainable, "frozen": total - trainable}
+
+
+def parameter_summary(model: nn.Module) -> dict[str, int]:
+    """Flat counts for the model and each direct child, e.g. ``params/noise_predictor/trainable``."""
+    summary = {f"params/{k}": v for k, v in count_parameters(model).items()}
+    for name, child in model.named_children():
+        counts = count_parameters(child)
+        if counts["total"]:
+            summary.update({f"params/{name}/{k}": v for k, v in counts.items()})
+    return summary
+
+
+def _plain(cfg: Any) -> Any:
+    """OmegaConf containers -> plain dicts/lists (resolved); anything else as is."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+    except ImportError:  # pragma: no cover - hydra-core is a dependency
+        return cfg
+    if isinstance(cfg, DictConfig | ListConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+@rank_zero_only
+def log_hyperparameters(cfg: Mapping[str, Any] | Any, model: nn.Module, trainer: Any) -> dict[str, Any]:
+    """Send the run configuration and the parameter counts to every logger of ``trainer`` (rank zero only).
+
+    Args:
+        cfg: the composed Hydra config (``DictConfig``) or a plain mapping; logged as-is (resolved).
+        model: the LightningModule; its parameter counts go under ``params/...``.
+        trainer: the ``lightning.Trainer`` whose ``loggers`` receive ``log_hyperparams``.
+
+    Returns:
+        The dict that was logged (empty loggers still get nothing).
+    """
+    hparams = dict(_plain(cfg) or {})
+    hparams.update(parameter_summary(model))
+    for logger in getattr(trainer, "loggers", []):
+        logger.log_hyperparams(hparams)
+    get_logger().info(
+        "parameters: %s",
+        ", ".join(
+            f"{k.removeprefix('params/')}={v:,}" for k, v in hparams.items() if k.startswith("params/")
+        ),
+    )
+    return hparams
