@@ -110,13 +110,16 @@ def run_row(sampler, dataset, indices, row, metrics, device, seed, image_dir, wa
             E.check_pair(
                 f"{item['name']}.png", sr.shape, str(gt_file.get(item["name"], item["name"])), gt.shape
             )
-        scores = {}
+        scores, errors = {}, {}
         for key, metric in metrics.items():
-            metric.update(sr, gt)
-            scores[key] = float(metric.last_scores[0])
+            try:
+                metric.update(sr, gt)
+                scores[key] = float(metric.last_scores[0])
+            except Exception as err:  # e.g. an image too small for NIQE: report it, keep the other metrics
+                scores[key], errors[key] = None, f"{type(err).__name__}: {err}"
         if image_dir is not None:
             write_image(Path(image_dir) / f"{item['name']}.png", sr[0].cpu())
-        rows.append({"index": index, "name": item["name"], "seconds": seconds, **scores})
+        rows.append({"index": index, "name": item["name"], "seconds": seconds, **scores, "errors": errors})
     return rows
 
 
@@ -174,6 +177,13 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             base = {"benchmark": bench, "method": row["label"], "timesteps": row["timesteps"]}
             rows = _gather([{**base, "order": len(summary), "rank": rank, **r} for r in rows], world)
             means = {k: float(m.compute()) for k, m in metrics.items()}  # torchmetrics reduces across ranks
+            for key in metrics:  # images a metric failed on are left out of its mean and reported
+                failed = [r for r in rows if r["errors"].get(key)]
+                if failed:
+                    first = f"{failed[0]['name']}: {failed[0]['errors'][key]}"
+                    unavailable[f"{key} ({bench}/{row['label']})"] = (
+                        f"failed on {len(failed)} image(s): {first}"
+                    )
             wall = max(sum(r["seconds"] for r in rows if r["rank"] == q) for q in range(world))
             if "fid" in scorers and rank == 0:
                 means["fid"] = _fid(

@@ -117,6 +117,22 @@ def test_evaluate_osediff_protocol_and_images(tmp_path: Path) -> None:
     assert objects["unavailable"] == {}
 
 
+def test_a_failing_metric_is_reported_not_fatal() -> None:
+    from invsr_pl.metrics import ImageQualityMetric
+
+    def broken(sr):
+        raise RuntimeError("image too small")
+
+    metrics = {"niqe": ImageQualityMetric(broken, full_reference=False, higher_better=False)}
+    dataset = [{"lq": torch.rand(3, 8, 8), "name": "tiny"}]
+
+    def sampler(lq, timesteps, generator):
+        return torch.rand(1, 3, 32, 32)
+
+    rows = ev.run_row(sampler, dataset, [0], {"timesteps": [200]}, metrics, torch.device("cpu"), 0, None, 0)
+    assert rows[0]["niqe"] is None and "image too small" in rows[0]["errors"]["niqe"]
+
+
 def test_size_mismatch_is_an_error_naming_the_file() -> None:
     dataset = [{"lq": torch.rand(3, 8, 8), "gt": torch.rand(3, 30, 32), "name": "bad_pair"}]
 

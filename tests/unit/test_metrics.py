@@ -86,6 +86,7 @@ def test_ssim_matches_skimage_on_rounded_y(ssim: torch.nn.Module) -> None:
     assert ssim(gt, gt).item() == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")  # compute() before update() is tested on purpose
 def test_metric_adapter_reduces_like_torchmetrics(psnr: torch.nn.Module) -> None:
     metric = M.ImageQualityMetric(psnr, full_reference=True, higher_better=True)
     assert math.isnan(metric.compute().item())
