@@ -205,11 +205,15 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         print(report)
         files = E.write_outputs(out_dir, summary, per_image, headers, report, metadata)
         if cfg.output.plot and summary:
-            x_key, y_key = E.choose_plot_axes(headers)
-            title = f"protocol {protocol.name}"
-            files["plot"] = E.fidelity_realism_plot(
-                summary, x_key, y_key, headers, out_dir / "fidelity_realism.png", title
-            )
+            try:
+                x_key, y_key = E.choose_plot_axes(headers)
+            except ValueError as err:  # e.g. metrics.names=[psnr]: nothing to plot against
+                print(f"plot skipped: {err}")
+            else:
+                title = f"protocol {protocol.name}"
+                files["plot"] = E.fidelity_realism_plot(
+                    summary, x_key, y_key, headers, out_dir / "fidelity_realism.png", title
+                )
     if started:
         dist.destroy_process_group()
     flat = {
