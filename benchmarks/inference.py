@@ -67,6 +67,7 @@ def measure(
     e2e: list[float] = []
     stage_runs: list[dict[str, float]] = []
     for _ in range(args.repeats):  # interleaved, so that load drift hits both measurements alike
+        sampler.timings = None
         start = time.perf_counter()
         sampler(lr, num_steps=steps, generator=args.seed)
         sync(device)
