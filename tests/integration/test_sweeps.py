@@ -34,5 +34,5 @@ def test_two_job_multirun(tmp_path: Path) -> None:
         assert (job / "checkpoints" / "last.ckpt").is_file()
         cfg = OmegaConf.load(job / ".hydra" / "config.yaml")
         weights.append(cfg.model.gan_weight)
-        assert cfg.paths.output_dir == str(job)
+        assert OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra.runtime.output_dir == str(job)
     assert weights == [0, 0.1]
