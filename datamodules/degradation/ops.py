@@ -8,6 +8,7 @@ The recipe is INVSR_REFERENCE §6.1 (Real-ESRGAN's second-order degradation).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import kornia
 import torch
@@ -154,9 +155,11 @@ def add_gaussian_noise(
     sigma = _per_sample(sigma, b, x).view(-1, 1, 1, 1)
     gray = torch.as_tensor(gray, device=x.device).reshape(-1).expand(b).view(-1, 1, 1, 1).bool()
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    noise = torch.where(gray, noise[:, :1], noise)
-    out = x + noise * sigma
-    return out.clamp(0, 1) if clip else out
+    gray_idx = torch.nonzero(gray.view(-1)).flatten()
+    if gray_idx.numel():  # gray samples: channel 0's map on all three channels
+        noise[gray_idx] = noise[gray_idx, :1].expand(-1, x.shape[1], -1, -1)
+    out = torch.addcmul(x, noise, sigma)
+    return out.clamp_(0, 1) if clip else out
 
 
 def poisson_levels(x: Tensor) -> Tensor:
@@ -167,17 +170,53 @@ def poisson_levels(x: Tensor) -> Tensor:
     here for the whole batch with one ``bincount`` (no loop over images, exact).
 
     Args:
-        x: (B, C, H, W) float in [0, 1].
+        x: (B, C, H, W) float in [0, 1] (values outside are clamped, as the official's rounding does).
 
     Returns:
         (B,) float in {1, 2, 4, ..., 256}.
     """
-    b = x.shape[0]
-    q = (x * 255.0).round().clamp(0, 255).to(torch.int64).reshape(b, -1)
-    offset = torch.arange(b, device=x.device).view(-1, 1) * 256
-    counts = torch.bincount((q + offset).flatten(), minlength=b * 256).view(b, 256)
-    levels = (counts > 0).sum(dim=1).to(x.dtype)
+    return _levels_of_codes((x * 255.0).round().clamp(0, 255))
+
+
+def _levels_of_codes(codes: Tensor) -> Tensor:
+    """``poisson_levels`` from (B, C, H, W) float 8-bit codes (integers in [0, 255])."""
+    b = codes.shape[0]
+    offset = torch.arange(b, device=codes.device, dtype=torch.int64).view(-1, 1) * 256
+    idx = codes.reshape(b, -1).to(torch.int64).add_(offset)
+    counts = torch.bincount(idx.flatten(), minlength=b * 256).view(b, 256)
+    levels = (counts > 0).sum(dim=1).to(codes.dtype)
     return torch.exp2(torch.ceil(torch.log2(levels)))
+
+
+# Poisson sampling on CPU is single-threaded inside torch; the batch is split into this many fixed chunks with
+# generator-derived seeds and sampled on a thread pool (torch releases the GIL). The chunk count is fixed, not
+# the thread count, so a seed gives the same noise on any machine.
+_CPU_POISSON_CHUNKS = 2
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=_CPU_POISSON_CHUNKS, thread_name_prefix="degradation")
+    return _POOL
+
+
+def _poisson(rate: Tensor, generator: torch.Generator) -> Tensor:
+    """``torch.poisson(rate)``, split over threads on CPU (deterministic for a generator state)."""
+    if rate.device.type != "cpu" or rate.shape[0] < 2:
+        return torch.poisson(rate, generator=generator)
+    seeds = torch.randint(0, 2**62, (_CPU_POISSON_CHUNKS,), generator=generator, device=rate.device).tolist()
+    chunks = rate.tensor_split(_CPU_POISSON_CHUNKS)
+
+    def one(i: int) -> Tensor:
+        return torch.poisson(chunks[i], generator=torch.Generator().manual_seed(int(seeds[i])))
+
+    if torch.get_num_threads() > 1:
+        parts = list(_pool().map(one, range(len(chunks))))
+    else:
+        parts = [one(i) for i in range(len(chunks))]
+    return torch.cat(parts)
 
 
 def add_poisson_noise(
@@ -204,16 +243,18 @@ def add_poisson_noise(
     gray = torch.as_tensor(gray, device=x.device).reshape(-1).expand(b).view(-1, 1, 1, 1).bool()
     noise = torch.empty_like(x)
     # Gray samples draw one Poisson map from their luma (a third of the samples of a colour map).
-    for sel, src in ((~gray.view(-1), None), (gray.view(-1), "gray")):
+    for sel, use_gray in ((~gray.view(-1), False), (gray.view(-1), True)):
         if not bool(sel.any()):
             continue
         idx = torch.nonzero(sel).flatten()
-        xs = x[idx] if src is None else _gray(x[idx])
-        q = (xs * 255.0).round().clamp(0, 255) / 255.0
-        vals = poisson_levels(q).view(-1, 1, 1, 1)
-        noise[idx] = torch.poisson(q * vals, generator=generator).div_(vals).sub_(q).expand(-1, 3, -1, -1)
-    out = x + noise * scale
-    return out.clamp(0, 1) if clip else out
+        xs = _gray(x[idx]) if use_gray else x[idx]
+        codes = (xs * 255.0).round_().clamp_(0, 255)  # 8-bit levels of the noise-free image
+        vals = _levels_of_codes(codes).view(-1, 1, 1, 1)
+        counts = _poisson(codes * (vals / 255.0), generator)
+        # Poisson(q v) / v - q with q = codes / 255
+        noise[idx] = counts.div_(vals).sub_(codes.div_(255.0)).expand(-1, x.shape[1], -1, -1)
+    out = torch.addcmul(x, noise, scale)
+    return out.clamp_(0, 1) if clip else out
 
 
 def add_noise(
