@@ -318,7 +318,7 @@ class InvSRLitModule(L.LightningModule):
         optimizers = [opt_g]
         if self.discriminator is not None:
             optimizers.append(self.optimizer_d(self.discriminator.parameters()))
-        # manual mode: we step the scheduler once per iteration; Lightning saves and restores its state
+        # manual mode: we step the scheduler after each G update; Lightning saves and restores its state
         return optimizers, [
             LambdaLR(opt_g, partial(warmup_factor, warmup_steps=self.hparams.lr_warmup_steps))
         ]
