@@ -229,10 +229,10 @@ def test_micro_batches_and_clipping(monkeypatch: pytest.MonkeyPatch) -> None:
     assert all(n <= 1e-3 * (1 + 1e-4) for n in norms)
 
 
-def test_without_discriminator_and_lpips() -> None:
-    module = make_module(discriminator=None, lpips=None, lpips_weight=0.0)
-    trainer = fit(module, make_batches(1))
-    assert trainer.global_step == 1 and len(trainer.optimizers) == 1
+def test_without_discriminator_and_lpips_and_max_iterations() -> None:
+    module = make_module(discriminator=None, lpips=None, lpips_weight=0.0, max_iterations=2)
+    trainer = fit(module, make_batches(4))
+    assert module.iteration == 2 and trainer.global_step == 2 and len(trainer.optimizers) == 1
     with pytest.raises(ValueError, match="lpips_weight"):
         make_module(lpips=None)
 
