@@ -188,17 +188,17 @@ def _levels_of_codes(codes: Tensor) -> Tensor:
     return torch.exp2(torch.ceil(torch.log2(levels)))
 
 
-# Poisson sampling on CPU is single-threaded inside torch; the batch is split into this many fixed chunks with
-# generator-derived seeds and sampled on a thread pool (torch releases the GIL). The chunk count is fixed, not
-# the thread count, so a seed gives the same noise on any machine.
-_CPU_POISSON_CHUNKS = 2
+# Poisson sampling and libjpeg are single-threaded inside torch/torchvision; on CPU the batch is split into
+# this many fixed chunks run on a thread pool (torch releases the GIL). Poisson chunks get generator-derived
+# seeds; the chunk count is fixed, not the thread count, so a seed gives the same noise on any machine.
+_CPU_CHUNKS = 2
 _POOL: ThreadPoolExecutor | None = None
 
 
 def _pool() -> ThreadPoolExecutor:
     global _POOL
     if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=_CPU_POISSON_CHUNKS, thread_name_prefix="degradation")
+        _POOL = ThreadPoolExecutor(max_workers=_CPU_CHUNKS, thread_name_prefix="degradation")
     return _POOL
 
 
@@ -206,8 +206,8 @@ def _poisson(rate: Tensor, generator: torch.Generator) -> Tensor:
     """``torch.poisson(rate)``, split over threads on CPU (deterministic for a generator state)."""
     if rate.device.type != "cpu" or rate.shape[0] < 2:
         return torch.poisson(rate, generator=generator)
-    seeds = torch.randint(0, 2**62, (_CPU_POISSON_CHUNKS,), generator=generator, device=rate.device).tolist()
-    chunks = rate.tensor_split(_CPU_POISSON_CHUNKS)
+    seeds = torch.randint(0, 2**62, (_CPU_CHUNKS,), generator=generator, device=rate.device).tolist()
+    chunks = rate.tensor_split(_CPU_CHUNKS)
 
     def one(i: int) -> Tensor:
         return torch.poisson(chunks[i], generator=torch.Generator().manual_seed(int(seeds[i])))
@@ -335,14 +335,29 @@ def jpeg(x: Tensor, quality: Tensor | float, codec: str = "auto") -> Tensor:
     hwc.permute(0, 3, 1, 2).copy_(x * 255.0 + 0.5)
     q_int = quality.round().to(torch.int64).tolist()
     decoded_hwc = torch.empty_like(hwc)
-    # One encode/decode call per distinct quality: torchvision takes a single quality per call (batched via
-    # nvjpeg on CUDA; libjpeg loops in C on CPU).
-    for q in sorted(set(q_int)):
-        idx = [i for i, v in enumerate(q_int) if v == q]
-        encoded = encode_jpeg([hwc[i].permute(2, 0, 1) for i in idx], quality=q)
-        decoded = decode_jpeg(encoded, device=x.device)
-        for i, d in zip(idx, decoded, strict=True):
-            decoded_hwc[i].copy_(d.permute(1, 2, 0))  # decoder output is an HWC buffer seen as CHW
+    if x.device.type == "cpu":
+        # libjpeg codes one image per call (torchvision's list API loops in C++ too); the images are split
+        # into fixed chunks coded on the thread pool (torch releases the GIL), so both cores work.
+        def code(chunk: list[int]) -> None:
+            for i in chunk:
+                data = encode_jpeg(hwc[i].permute(2, 0, 1), quality=q_int[i])
+                decoded_hwc[i].copy_(decode_jpeg(data).permute(1, 2, 0))  # decoder output: HWC seen as CHW
+
+        chunks = [c.tolist() for c in torch.arange(b).tensor_split(_CPU_CHUNKS) if c.numel()]
+        if torch.get_num_threads() > 1 and len(chunks) > 1:
+            list(_pool().map(code, chunks))
+        else:
+            for c in chunks:
+                code(c)
+    else:
+        # nvjpeg: one batched call per distinct quality (torchvision takes one quality per call); it wants
+        # contiguous CHW and the decoder reads the bitstreams from host memory.
+        for q in sorted(set(q_int)):
+            idx = [i for i, v in enumerate(q_int) if v == q]
+            images = [hwc[i].permute(2, 0, 1).contiguous() for i in idx]
+            encoded = [e.cpu() for e in encode_jpeg(images, quality=q)]
+            for i, d in zip(idx, decode_jpeg(encoded, device=x.device), strict=True):
+                decoded_hwc[i].copy_(d.permute(1, 2, 0))
     out = torch.empty_like(x)
     out.copy_(decoded_hwc.permute(0, 3, 1, 2))
     return out.mul_(1.0 / 255.0)
