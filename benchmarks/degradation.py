@@ -27,11 +27,18 @@ OPS = ("filter2d", "resize", "add_gaussian_noise", "add_poisson_noise", "jpeg", 
 
 def _photos(batch: int, size: int, device: torch.device) -> torch.Tensor:
     """(batch, 3, size, size) float32 in [0, 1]: crops of scikit-image sample photos."""
-    import skimage.data as sd
-
+    try:
+        import skimage.data as sd
+    except ImportError:  # bare GPU box: a smooth synthetic pattern plus grain stands in for photos
+        sd = None
     imgs = []
-    for name in ("astronaut", "coffee", "chelsea", "rocket"):
-        a = torch.from_numpy(getattr(sd, name)()).permute(2, 0, 1).float() / 255.0
+    for k, name in enumerate(("astronaut", "coffee", "chelsea", "rocket")):
+        if sd is None:
+            yy, xx = torch.meshgrid(torch.linspace(0, 8, 640), torch.linspace(0, 8, 640), indexing="ij")
+            a = torch.stack([(torch.sin(xx * yy / 4 + k) + 1) / 2, (torch.cos(xx + k) + 1) / 2, yy / 8])
+            a = (a + 0.02 * torch.randn(a.shape, generator=torch.Generator().manual_seed(k))).clamp(0, 1)
+        else:
+            a = torch.from_numpy(getattr(sd, name)()).permute(2, 0, 1).float() / 255.0
         short = min(a.shape[-2:])
         a = torch.nn.functional.interpolate(
             a[None], scale_factor=max(1.0, (size + 64) / short), mode="bicubic"

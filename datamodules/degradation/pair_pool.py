@@ -63,6 +63,8 @@ class TrainingPairPool:
             return dict(batch)
         if not self._queue:
             self._queue = {k: v.new_empty((self.size, *v.shape[1:])) for k, v in batch.items()}
+        # A state loaded on the CPU (checkpoint resume) follows the batches to their device on first use.
+        self._queue = {k: q.to(batch[k].device) if k in batch else q for k, q in self._queue.items()}
         self._check_compatible(batch)
         if not self.is_full:
             n = min(b, self.size - self.filled)
@@ -112,7 +114,7 @@ class TrainingPairPool:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore from ``state_dict()``; tensors keep the device they were saved (or map-loaded) on."""
+        """Restore from ``state_dict()``; the queue moves to the batches' device on the next call."""
         size, filled = int(state["size"]), int(state["filled"])
         if size != self.size:
             raise ValueError(f"state is for a pool of size {size}, this pool has size {self.size}")

@@ -77,3 +77,17 @@ def test_disabled_and_bad_batches():
     pool(_batch(4))
     with pytest.raises(ValueError, match="Generator"):
         pool(_batch(8))
+
+
+@pytest.mark.gpu
+def test_cpu_state_follows_cuda_batches():
+    pool = TrainingPairPool(size=8)
+    g = torch.Generator().manual_seed(0)
+    pool(_batch(0), g)
+    other = TrainingPairPool(size=8)
+    other.load_state_dict(pool.state_dict())  # CPU tensors, as after a checkpoint load
+    cuda = {k: v.cuda() for k, v in _batch(4).items()}
+    other(cuda, torch.Generator(device="cuda").manual_seed(0))
+    assert other.is_full
+    out = other({k: v.cuda() for k, v in _batch(8).items()}, torch.Generator(device="cuda").manual_seed(1))
+    assert out["lq"].device.type == "cuda"
