@@ -18,7 +18,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-import psutil
 import torch
 import torch.nn.functional as F
 
@@ -69,6 +68,18 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _rss_bytes() -> int:
+    """Current resident set size (psutil), or the process peak from getrusage where psutil is missing."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 class Meter:
     """Iteration start/stop times and peak memory; the first ``warmup`` iterations are not timed."""
 
@@ -84,7 +95,8 @@ class Meter:
     def stop(self) -> None:
         sync(self.device)
         self.stops.append(time.perf_counter())
-        self.peak_rss = max(self.peak_rss, psutil.Process().memory_info().rss)
+        if self.device.type != "cuda":
+            self.peak_rss = max(self.peak_rss, _rss_bytes())
 
     def summary(self) -> tuple[float, float]:
         """(seconds per timed iteration, peak memory in GiB)."""
