@@ -142,3 +142,32 @@ def test_final_sinc_or_delta():
 def test_bad_type_probs_raise():
     with pytest.raises(ValueError, match="type_probs"):
         K.sample_kernel_params(2, 21, _gen(), **{**TRAIN, "type_probs": (1.0, 0.0)})
+
+
+@pytest.mark.parametrize("ktype", [1, 3, 5])
+def test_anisotropic_families_match_covariance_form(ktype):
+    """Rotated-axes evaluation equals exp(-0.5 (x^T S^-1 x)^b) / 1 / (1 + (x^T S^-1 x)^b) with S = R D R^T."""
+    sx, sy, theta, beta, size = 2.5, 0.8, 0.6, 1.7, 15
+    p = {
+        "type": torch.tensor([ktype]),
+        "sigma_x": torch.tensor([sx]),
+        "sigma_y": torch.tensor([sy]),
+        "theta": torch.tensor([theta]),
+        "beta": torch.tensor([1.0 if ktype == 1 else beta]),
+        "ksize": torch.tensor([13]),
+        "omega_c": torch.tensor([1.0]),
+    }
+    k = K.build_kernels(p, size)[0].double()
+    rot = torch.tensor(
+        [[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]], dtype=torch.float64
+    )
+    inv = torch.linalg.inv(rot @ torch.diag(torch.tensor([sx**2, sy**2], dtype=torch.float64)) @ rot.T)
+    ax = torch.arange(-6, 7, dtype=torch.float64)
+    yy, xx = torch.meshgrid(ax, ax, indexing="ij")
+    xy = torch.stack([xx, yy], -1)
+    q = torch.einsum("...i,ij,...j->...", xy, inv, xy)
+    b = 1.0 if ktype == 1 else beta
+    ref = 1 / (1 + q**b) if ktype == 5 else torch.exp(-0.5 * q**b)
+    ref = ref / ref.sum()
+    torch.testing.assert_close(k[1:14, 1:14], ref, atol=1e-6, rtol=1e-4)
+    assert (k[0] == 0).all() and (k[:, 0] == 0).all()
