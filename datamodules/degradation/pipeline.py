@@ -10,9 +10,16 @@ Decisions that differ from the official (batch-level) draws, all keeping the per
   modes and the final-stage order once per *batch*; here each is drawn per *sample* (samples are grouped, so
   the ops still run batched). Each image's degradation has the same distribution as before, but one batch now
   mixes them, which the pair pool (§4.2 step 4) only partly achieved.
-- Resizes use an explicit target size ``int(H * s)`` rather than ``scale_factor=s`` (same output size).
+- Resizes use an explicit target size ``int(H * s)`` rather than ``scale_factor=s``: same output size; the
+  sampling grid uses the in/out size ratio instead of 1/s (a sub-pixel difference).
 - JPEG: see ``ops.resolve_jpeg_codec`` (real libjpeg on CPU, kornia's batched codec on CUDA); the official
-  uses DiffJPEG, a differentiable approximation of the same baseline codec.
+  uses DiffJPEG, a differentiable approximation of the same baseline codec. libjpeg takes integer qualities
+  and 8-bit input, so its intermediate images are 8-bit; the approximations keep floats.
+- Poisson noise follows Real-ESRGAN's definition exactly, including the per-image level count
+  (``ops.poisson_levels``: a batched histogram instead of a ``torch.unique`` per image).
+
+``tests/unit/degradation/test_fidelity.py`` checks the LQ distribution against a naive per-image
+implementation of the recipe.
 """
 
 from __future__ import annotations
