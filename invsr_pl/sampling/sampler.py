@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
 from invsr_pl.sampling import timesteps as ts
@@ -105,8 +106,8 @@ class InvSRSampler:
         Returns:
             (B, 3, s*h, s*w) float32 in [0, 1] on the backbone's device, aligned with ``lr``.
         """
-        if lr.ndim != 4 or lr.shape[1] != 3:
-            raise ValueError(f"lr must have shape (B, 3, h, w), got {tuple(lr.shape)}")
+        if lr.ndim != 4 or lr.shape[1] != 3 or lr.shape[-2] < 1 or lr.shape[-1] < 1:
+            raise ValueError(f"lr must have shape (B, 3, h, w) with h, w >= 1, got {tuple(lr.shape)}")
         steps = (
             self.timesteps
             if timesteps is None and num_steps is None
@@ -188,7 +189,8 @@ class InvSRSampler:
                     self.backbone.latent_channels,
                     *(self.scale * n // self.backbone.vae_scale_factor for n in lr_patch.shape[-2:]),
                 )
-                noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+                # diffusers' helper also accepts a CPU generator for a CUDA tensor (drawn on CPU, then moved)
+                noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         with self._stage("vae_encode"):
             # §5.2 step 3: bicubic without antialias, not clamped (as the official pipeline)
             lr_up = F.interpolate(lr_patch, scale_factor=self.scale, mode="bicubic", align_corners=False)

@@ -36,6 +36,8 @@ def reflect_pad(x: Tensor, top: int, bottom: int, left: int, right: int) -> Tens
     """
     if min(top, bottom, left, right) < 0:
         raise ValueError(f"pads must be >= 0, got top={top} bottom={bottom} left={left} right={right}")
+    if min(x.shape[-2:]) < 1:
+        raise ValueError(f"cannot pad an empty image of shape {tuple(x.shape)}")
     while top or bottom or left or right:
         h, w = x.shape[-2:]
         # per axis: reflect at most (length - 1) per round; a 1-pixel axis can only be replicated (any amount)

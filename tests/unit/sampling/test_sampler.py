@@ -157,6 +157,8 @@ def test_bad_arguments_error_clearly() -> None:
         sampler(torch.rand(1, 3, 32, 32), timesteps=[200], num_steps=2)
     with pytest.raises(ValueError, match=r"\(B, 3, h, w\)"):
         sampler(torch.rand(3, 32, 32))
+    with pytest.raises(ValueError, match="h, w >= 1"):
+        sampler(torch.rand(1, 3, 0, 32))
     with pytest.raises(ValueError, match="strictly descending"):
         sampler(torch.rand(1, 3, 32, 32), timesteps=[50, 50])
 
