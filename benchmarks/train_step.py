@@ -56,7 +56,7 @@ def build_parts(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def make_batch(args: argparse.Namespace) -> dict[str, torch.Tensor]:
-    gt_size = 512 if args.real_arch else 64
+    gt_size = args.gt_size or (512 if args.real_arch else 64)
     g = torch.Generator().manual_seed(args.seed)
     gt = torch.rand(args.batch_size, 3, gt_size, gt_size, generator=g)
     lq = F.interpolate(gt, scale_factor=0.25, mode="bicubic", antialias=True).clamp(0, 1)
@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", default="32", choices=["32", "bf16-mixed", "16-mixed"])
     parser.add_argument("--real-arch", action="store_true", help="paper-size models (random weights), LQ 128")
+    parser.add_argument("--gt-size", type=int, default=None, help="GT crop (default 512 real-arch, 64 tiny)")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10, help="timed iterations per path and round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
@@ -224,7 +225,8 @@ def main(argv: list[str] | None = None) -> None:
                 torch.cuda.empty_cache()
     per_iter = {k: min(t for t, _ in v) for k, v in results.items()}  # best round: least disturbed by others
     peak = {k: max(m for _, m in v) for k, v in results.items()}
-    size = "LQ 128 -> GT 512, paper models" if args.real_arch else "LQ 16 -> GT 64, tiny models"
+    gt = batch["gt"].shape[-1]
+    size = f"LQ {gt // 4} -> GT {gt}, {'paper' if args.real_arch else 'tiny'} models"
     print(f"device {device} ({torch.get_num_threads()} threads), precision {args.precision}, "
           f"batch {args.batch_size}, {size}, UNet checkpointing {args.grad_ckpt}, "
           f"torch {torch.__version__}")  # fmt: skip
