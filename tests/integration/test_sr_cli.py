@@ -133,3 +133,18 @@ def test_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     )  # no images in the folder
     err = capsys.readouterr().err
     assert "does not exist" in err and "no images" in err
+
+
+def test_trained_noise_predictor_folder_is_loaded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from invsr_pl.cli.sr import TINY_NOISE_PREDICTOR
+    from invsr_pl.models.noise_predictor import NoisePredictor
+
+    NoisePredictor(**TINY_NOISE_PREDICTOR).save_pretrained(tmp_path / "np")
+    src = tmp_path / "a.png"
+    Image.fromarray(skimage.data.coffee()[:32, :32]).save(src)
+    for weights in (tmp_path / "np", tmp_path / "np" / "model.safetensors"):
+        code = main(
+            [str(src), "-o", str(tmp_path / "out"), "--backbone", "tiny", "--noise-predictor", str(weights)]
+        )
+        assert code == 0 and "smoke mode" not in capsys.readouterr().err
+    assert read_image(tmp_path / "out" / "a.png").image.shape == (3, 128, 128)
