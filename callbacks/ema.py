@@ -110,13 +110,24 @@ class NoisePredictorEMA(L.Callback):
         self.update(self._module(pl_module))
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._load_for_evaluation(trainer)
         self._swap_in(pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._swap_out(pl_module)
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._load_for_evaluation(trainer)
         self._swap_in(pl_module)
+
+    def _load_for_evaluation(self, trainer: L.Trainer | None) -> None:
+        """``trainer.validate/test(ckpt_path=...)`` restores no callback state: read the EMA from the file."""
+        path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+        if self.ema is not None or self._pending is not None or not path or trainer.state.fn == "fit":
+            return
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        if EMA_CHECKPOINT_KEY in checkpoint:
+            self._pending = dict(checkpoint[EMA_CHECKPOINT_KEY])
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._swap_out(pl_module)

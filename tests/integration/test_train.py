@@ -12,6 +12,7 @@ from typing import Any
 import lightning.pytorch as L
 import pytest
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig
 
 from callbacks.ema import EMA_CHECKPOINT_KEY, NoisePredictorEMA
@@ -36,12 +37,46 @@ def _assert_run_outputs(run_dir: Path) -> dict[str, Any]:
 
 
 def test_smoke_run(train_cfg: MakeCfg, tmp_path: Path) -> None:
-    metrics, objects = train(train_cfg("experiment=smoke"))
+    metrics, objects = train(train_cfg("experiment=smoke", "test=true"))
     ckpt = _assert_run_outputs(tmp_path / "run")
     assert objects["model"].iteration == 4
     assert math.isfinite(metrics["val/psnr_1step"])
+    if is_overridden("test_step", objects["model"]):
+        assert any(k.startswith("test/") for k in metrics), sorted(metrics)
     np_keys = set(objects["model"].noise_predictor.state_dict())
     assert set(ckpt[EMA_CHECKPOINT_KEY]) == np_keys
+
+    # validate-only from the checkpoint: a fresh EMA callback reads the EMA weights from the file and swaps
+    # them in; the training weights come back afterwards
+    ema = NoisePredictorEMA()
+    trainer = L.Trainer(callbacks=[ema], logger=False, enable_progress_bar=False, limit_val_batches=1)
+    last = str(tmp_path / "run/checkpoints/last.ckpt")
+    trainer.validate(objects["model"], objects["datamodule"], ckpt_path=last)
+    assert ema.ema is not None
+    for k, v in ckpt[EMA_CHECKPOINT_KEY].items():
+        assert torch.equal(ema.ema[k], v)
+    for k, v in objects["model"].noise_predictor.state_dict().items():
+        assert torch.equal(v, ckpt["state_dict"][f"noise_predictor.{k}"])
+
+
+def test_image_logger_without_tensorboard(tmp_path: Path) -> None:
+    """A CSV-only run still gets PNG grids (LQ | SR per step count | GT) and no error."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    from callbacks.image_logger import ValidationImageLogger
+
+    module = L.LightningModule()
+    module.last_val_images = {
+        "lq": torch.rand(2, 3, 8, 8),
+        "gt": torch.rand(2, 3, 32, 32),
+        "sr": {3: torch.rand(2, 3, 32, 32), 1: torch.rand(2, 3, 32, 32)},
+    }
+    trainer = L.Trainer(logger=CSVLogger(tmp_path), default_root_dir=tmp_path, enable_progress_bar=False)
+    cb = ValidationImageLogger(max_images=2, output_dir=str(tmp_path))
+    cb.on_validation_end(trainer, module)
+    assert cb.last_png is not None and cb.last_png.is_file()
+    grid, cols = ValidationImageLogger.build_grid(module.last_val_images, max_images=2)
+    assert cols == 4 and grid.shape == (3, 2 * 34 + 2, 4 * 34 + 2)
 
 
 @pytest.mark.slow
