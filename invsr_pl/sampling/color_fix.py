@@ -98,11 +98,12 @@ def _wavelet_low(x: Tensor, levels: int = 5) -> Tensor:
 def wavelet_color_fix(sr: Tensor, ref: Tensor, levels: int = 5) -> Tensor:
     """High frequencies of ``sr`` plus the low frequencies of ``ref`` after a 5-level cascade (§5.6).
 
-    The high part telescopes: sum_i (low_i - low_{i+1}) = x - low_5, so output = sr - low5(sr) + low5(ref).
+    The high part telescopes: sum_i (low_i - low_{i+1}) = x - low_5, so output = sr - low5(sr) + low5(ref);
+    the cascade (convolutions with replicate padding) is linear, so that is sr + low5(ref - sr): one cascade.
     """
     _check_pair(sr, ref)
     sr32 = sr.float()
-    return (sr32 - _wavelet_low(sr32, levels) + _wavelet_low(ref, levels)).clamp(0.0, 1.0)
+    return (sr32 + _wavelet_low(ref.float() - sr32, levels)).clamp(0.0, 1.0)
 
 
 def adain_color_fix(sr: Tensor, ref: Tensor, eps: float = 1e-5) -> Tensor:
