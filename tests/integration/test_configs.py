@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning.pytorch as L
@@ -158,3 +160,38 @@ def _has_submitit() -> bool:
 def test_slurm_launcher_composes(compose_cfg: Compose) -> None:
     cfg = compose_cfg(["experiment=invsr_x4", "hydra/launcher=slurm"])
     assert cfg is not None
+
+
+def _check_keys_against_signature(node: Any, where: str) -> None:
+    """Every ``_target_`` mapping below ``node`` only uses keyword arguments its target accepts."""
+    if isinstance(node, Mapping):
+        if "_target_" in node:
+            target = hydra.utils.get_object(node["_target_"])
+            params = inspect.signature(target).parameters
+            takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+            unknown = {k for k in node if not k.startswith("_")} - set(params)
+            assert takes_kwargs or not unknown, f"{where}: {node['_target_']} does not take {sorted(unknown)}"
+        for key, value in node.items():
+            _check_keys_against_signature(value, f"{where}.{key}")
+    elif isinstance(node, list | tuple):
+        for i, value in enumerate(node):
+            _check_keys_against_signature(value, f"{where}[{i}]")
+
+
+SWAPS = [
+    [],
+    ["model/backbone=sd_turbo_random"],
+    ["model/backbone=tiny", "model/noise_predictor=tiny", "model/discriminator=tiny", "model/lpips=random"],
+    ["model/discriminator=none", "model/lpips=none"],
+    ["trainer=ddp_sim", "logger=many"],
+]
+
+
+@pytest.mark.parametrize("swap", SWAPS, ids=lambda s: "+".join(o.split("/")[-1] for o in s) or "as_is")
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_config_keys_match_constructors(experiment: str, swap: list[str], compose_cfg: Compose) -> None:
+    """Option files and experiment overlays stay consistent with the constructors, for any option swap."""
+    cfg = compose_cfg([f"experiment={experiment}", *swap])
+    container = OmegaConf.to_container(cfg, resolve=False)
+    for group in ("model", "callbacks", "logger", "trainer"):
+        _check_keys_against_signature(container[group], group)
