@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,9 @@ from invsr_pl.utils.instantiate import (
     metric_value,
     resolve_ckpt_path,
 )
+from invsr_pl.utils.logging import get_logger, log_hyperparameters
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)  # rank zero only
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
@@ -67,6 +67,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         "trainer": trainer,
         "ckpt_path": ckpt_path,
     }
+
+    if loggers:
+        log_hyperparameters(cfg, model, trainer)  # the composed config + parameter counts
 
     metrics: dict[str, float] = {}
     if cfg.get("train", True):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,7 +11,9 @@ import lightning.pytorch as L
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
 
-log = logging.getLogger(__name__)
+from invsr_pl.utils.logging import get_logger
+
+log = get_logger(__name__)  # rank zero only
 
 # Manual optimisation: G and D share one DDP wrapper and each backward reaches only one of them, so plain
 # "ddp" fails with "Expected to have finished reduction" (ARCHITECTURE fact 5).
