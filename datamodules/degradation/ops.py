@@ -7,6 +7,7 @@ The recipe is INVSR_REFERENCE §6.1 (Real-ESRGAN's second-order degradation).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -200,6 +201,15 @@ def _pool() -> ThreadPoolExecutor:
     if _POOL is None:
         _POOL = ThreadPoolExecutor(max_workers=_CPU_CHUNKS, thread_name_prefix="degradation")
     return _POOL
+
+
+def _forget_pool_after_fork() -> None:
+    # A forked child (DataLoader worker) inherits the executor object but not its threads; start afresh.
+    global _POOL
+    _POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def _poisson(rate: Tensor, generator: torch.Generator) -> Tensor:

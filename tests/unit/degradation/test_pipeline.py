@@ -192,3 +192,19 @@ def test_cpu_cuda_agree_statistically(gt):
     a = det(gt, _g(0), params=params)
     b = det(gt.cuda(), _g(0, "cuda"), params={k: v.cuda() for k, v in params.items()}).cpu()
     assert (a - b).abs().mean() < 1.5 / 255
+
+
+def test_output_does_not_depend_on_thread_count(gt):
+    """CPU Poisson/JPEG run in fixed chunks on a thread pool only when torch uses > 1 thread: same result."""
+    deg = RealESRGANDegradation(
+        first_stage={"gaussian_noise_prob": 0.0}, second_stage={"gaussian_noise_prob": 0.0}
+    )
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = deg(gt, _g(9))
+        torch.set_num_threads(2)
+        two = deg(gt, _g(9))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
