@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,16 +33,25 @@ OFFICIAL_NAME = "noise_predictor.pth"
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a Lightning checkpoint on the CPU; tensors-only unpickling first, full unpickling as a fallback
-    (Hydra's ListConfig/DictConfig in ``hyper_parameters`` are not on torch's weights-only allow-list)."""
+    """Read a Lightning checkpoint on the CPU with tensors-only unpickling (``weights_only=True``).
+
+    ``train.py`` instantiates with ``_convert_="all"``, so our checkpoints hold only tensors and plain
+    containers; a file that needs full unpickling is refused rather than trusted (it could run code).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file holds objects other than tensors and plain containers.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        print(f"note: {path} holds non-tensor objects; loading it with full unpickling", file=sys.stderr)
-        return torch.load(path, map_location="cpu", weights_only=False)
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{path} holds objects other than tensors and plain containers, so it is not loaded (unpickling "
+            f"could run arbitrary code). If you trust the file, re-save it as plain tensors first. ({err})"
+        ) from err
 
 
 def noise_predictor_state(checkpoint: dict[str, Any], use_ema: bool = True) -> dict[str, Tensor]:
@@ -105,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         folder, official = export_noise_predictor(args.checkpoint, args.out_dir, use_ema=not args.no_ema)
-    except (FileNotFoundError, KeyError, RuntimeError) as err:
+    except (FileNotFoundError, KeyError, RuntimeError, ValueError) as err:
         parser.exit(2, f"invsr-export: error: {err}\n")
     kind = "raw" if args.no_ema else "EMA"
     print(f"wrote {kind} noise predictor: {folder}/model.safetensors, {folder}/config.json, {official}")

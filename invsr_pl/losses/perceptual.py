@@ -15,7 +15,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from invsr_pl.models.discriminator import load_state_dict_file
+from invsr_pl.utils.checkpoint import read_state_dict
 
 __all__ = ["LPIPS_WEIGHTS_URL", "LPIPSWeightsNotFoundError", "LatentLPIPS"]
 
@@ -131,7 +131,7 @@ class LatentLPIPS(nn.Module):
                 f"{DEFAULT_WEIGHTS_PATH} (or anywhere, and set model.lpips.weights_path to it), or set the "
                 "LPIPS loss weight to 0 to train without it."
             )
-        self.load_state_dict(load_state_dict_file(weights_path), strict=True)
+        self.load_state_dict(read_state_dict(weights_path, "latent LPIPS weights"), strict=True)
 
     def train(self, mode: bool = True) -> LatentLPIPS:
         """Stay in eval mode whatever the caller asks: the metric is frozen (INVSR_REFERENCE §3.5)."""

@@ -9,7 +9,7 @@ the constructor default and has the state-dict layout of the released ``discrimi
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,7 +19,9 @@ from diffusers.models.unets.unet_2d_blocks import get_down_block, get_mid_block,
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["LatentDiscriminator", "TINY_DISCRIMINATOR_KWARGS", "load_state_dict_file"]
+from invsr_pl.utils.checkpoint import read_state_dict
+
+__all__ = ["LatentDiscriminator", "TINY_DISCRIMINATOR_KWARGS"]
 
 # Constructor arguments of a few-channel twin that runs in milliseconds on CPU (tests, smoke runs). Its
 # cross_attention_dim must match the backbone's prompt embedding width (32 for build_tiny_sd_turbo).
@@ -32,44 +34,6 @@ TINY_DISCRIMINATOR_KWARGS: dict = {
     "addition_embed_type_num_heads": 4,
 }
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def load_state_dict_file(path: str | Path) -> dict[str, Tensor]:
-    """Read a released checkpoint file into a plain ``name -> tensor`` dict on the CPU.
-
-    Accepts ``.safetensors`` or a pickled dict read with ``torch.load(weights_only=True)``; unwraps a
-    ``state_dict`` entry and strips DDP / torch.compile prefixes (``module.``, ``_orig_mod.``), §7.4.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file does not hold a mapping of tensors.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path), device="cpu")
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and "state_dict" in state and isinstance(state["state_dict"], Mapping):
-        state = state["state_dict"]
-    if not isinstance(state, Mapping):
-        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__})")
-    cleaned: dict[str, Tensor] = {}
-    for key, value in state.items():
-        if not isinstance(value, Tensor):
-            raise ValueError(f"{path}: entry {key!r} is a {type(value).__name__}, expected a tensor")
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix) :], True
-        cleaned[key] = value
-    return cleaned
 
 
 def _per_block(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
@@ -276,7 +240,7 @@ class LatentDiscriminator(nn.Module):
             **kwargs: constructor arguments, when the file is not in the paper configuration.
         """
         model = cls(**kwargs)
-        model.load_state_dict(load_state_dict_file(path), strict=True)
+        model.load_state_dict(read_state_dict(path, "discriminator checkpoint"), strict=True)
         return model
 
     def enable_gradient_checkpointing(self) -> None:

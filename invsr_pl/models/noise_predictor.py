@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +19,14 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from invsr_pl.utils.checkpoint import read_state_dict
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # INVSR_REFERENCE §1.1 / §7.4: DDP and torch.compile wrappers prefix the keys of saved state dicts.
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _NORM_EPS = 1e-6  # INVSR_REFERENCE §1.2: GroupNorm eps 1e-6 everywhere (resnets, attention, head)
 
 
@@ -238,43 +239,13 @@ class NoisePredictor(nn.Module):
 
     # ---------------------------------------------------------------- checkpoints
 
-    @staticmethod
-    def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-        """Read a checkpoint file without unpickling arbitrary objects.
-
-        ``.safetensors`` files are read with safetensors; anything else with
-        ``torch.load(weights_only=True)``. A ``{"state_dict": ...}`` wrapper is unwrapped and ``module.`` /
-        ``_orig_mod.`` key prefixes are stripped (INVSR_REFERENCE §7.4).
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"noise predictor checkpoint not found: {path}")
-        if path.suffix == ".safetensors":
-            raw: Any = load_file(str(path), device="cpu")
-        else:
-            raw = torch.load(str(path), map_location="cpu", weights_only=True)
-        if isinstance(raw, Mapping) and "state_dict" in raw and isinstance(raw["state_dict"], Mapping):
-            raw = raw["state_dict"]
-        if not isinstance(raw, Mapping) or not all(isinstance(v, Tensor) for v in raw.values()):
-            raise ValueError(f"{path} does not hold a state dict of tensors (got {type(raw).__name__})")
-        out: dict[str, Tensor] = {}
-        for key, value in raw.items():
-            stripped = True
-            while stripped:
-                stripped = False
-                for prefix in _WRAPPER_PREFIXES:
-                    if key.startswith(prefix):
-                        key, stripped = key[len(prefix) :], True
-            out[key] = value
-        return out
-
     def load_checkpoint(self, path: str | Path) -> NoisePredictor:
         """Load a released ``.pth`` or a ``.safetensors`` file with strict key and shape matching.
 
         Raises:
             RuntimeError: missing, unexpected or wrongly shaped keys (the message lists them and the config).
         """
-        state = self.read_state_dict(path)
+        state = read_state_dict(path, "noise predictor checkpoint")
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
