@@ -1,7 +1,8 @@
 """Train InvSR with Lightning + Hydra.
 
     python train.py experiment=quickstart                  # tiny backbone, sample photos, CPU, minutes
-    python train.py experiment=invsr_x4 trainer=ddp        # the paper recipe on 4 GPUs
+    python train.py experiment=invsr_x4                    # the paper recipe, DDP on 4 GPUs
+    python train.py experiment=invsr_x4 trainer.devices=8 data.batch_size=8   # 8 GPUs, still 64 per step
     python train.py experiment=invsr_x4 ckpt_path=last     # continue the latest run of that task
     python train.py -m experiment=smoke model.gan_weight=0,0.1   # a sweep, one run folder per job
 
@@ -45,6 +46,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))  # tiny CPU models: extra threads only contend
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 as in the reference (INVSR_REFERENCE §4.5)
 
