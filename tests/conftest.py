@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-# Tiny models are dominated by per-op overhead, where extra intra-op threads only add contention on the 2-core CI
-# machine (measured: a sampler test file went from 115 s to 25 s). Override with INVSR_TEST_THREADS.
+# Tiny models are dominated by per-op overhead, where extra intra-op threads only add contention on the
+# 2-core CI machine (measured: a sampler test file went from 115 s to 25 s). Override with INVSR_TEST_THREADS.
 torch.set_num_threads(int(os.environ.get("INVSR_TEST_THREADS", "1")))
 
 

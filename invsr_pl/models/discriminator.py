@@ -35,7 +35,6 @@ TINY_DISCRIMINATOR_KWARGS: dict = {
 }
 
 
-
 def _per_block(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
     """Broadcast an int to one value per block, or check a sequence has one value per block."""
     values = (int(value),) * n if isinstance(value, int) else tuple(int(v) for v in value)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from invsr_pl.models.sd_turbo import FrozenSDTurbo, build_from_configs
+from invsr_pl.models.sd_turbo import SD_TURBO_VAE_CONFIG, FrozenSDTurbo, build_from_configs
 
 
 def tiny_unet_config(cross_attention_dim: int = 32) -> dict[str, Any]:
@@ -32,18 +32,14 @@ def tiny_unet_config(cross_attention_dim: int = 32) -> dict[str, Any]:
 
 
 def tiny_vae_config() -> dict[str, Any]:
-    """``AutoencoderKL`` kwargs: four levels (three x2 downsamplers -> factor 8), 4 latent channels."""
+    """``AutoencoderKL`` kwargs: SD-Turbo's VAE geometry (four levels, three x2 downsamplers -> factor 8,
+    4 latent channels, scaling 0.18215) at a few channels."""
     return {
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ("DownEncoderBlock2D",) * 4,
-        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        **SD_TURBO_VAE_CONFIG,
         "block_out_channels": (8, 16, 16, 16),
         "layers_per_block": 1,
-        "latent_channels": 4,
         "norm_num_groups": 8,
         "sample_size": 64,
-        "scaling_factor": 0.18215,  # INVSR_REFERENCE §0: SD-2.1 VAE scaling
     }
 
 

@@ -15,15 +15,6 @@ from invsr_pl.cli.sr import main
 from invsr_pl.utils.images import read_image
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convolutions gain nothing from threads; on a shared 2-core box two threads are several times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def mixed_folder(tmp_path: Path) -> Path:
     """RGB jpg (50 px), RGBA, 16-bit RGB PNG, 16-bit gray TIFF, a corrupt file, a text file."""

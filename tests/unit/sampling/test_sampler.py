@@ -71,15 +71,6 @@ def local_reference(lr: Tensor) -> Tensor:
     return F.interpolate(F.avg_pool2d(up, 8), scale_factor=8, mode="nearest").clamp(0, 1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny convolutions gain nothing from threads; on a shared 2-core box two threads are several times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------- local stand-in
 
 
