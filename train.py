@@ -17,7 +17,6 @@ from typing import Any
 import hydra
 import lightning.pytorch as L
 import torch
-from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig
 
 from invsr_pl.utils.instantiate import (
@@ -81,9 +80,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         last = getattr(trainer.checkpoint_callback, "last_model_path", "")
         if last:
             log.info("Last checkpoint: %s", last)
-    if cfg.get("test", False) and not is_overridden("test_step", model):
-        log.warning("test=true but %s has no test_step; use evaluate.py for benchmarks", type(model).__name__)
-    elif cfg.get("test", False):
+    if cfg.get("test", False):
         # after fit: the weights in memory (EMA swapped in by its callback); test-only: the given checkpoint
         trainer.test(
             model=model, datamodule=datamodule, ckpt_path=None if cfg.get("train", True) else ckpt_path

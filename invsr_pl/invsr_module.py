@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 # Frozen parts are never checkpointed (ARCHITECTURE fact 7); they are rebuilt from their own weight files.
-NOT_CHECKPOINTED = ("backbone.", "lpips.", "val_lpips.")
+NOT_CHECKPOINTED = ("backbone.", "lpips.", "val_metrics.", "test_metrics.")
 _VGG16_WEIGHTS = "vgg16-397923af.pth"  # torchvision's VGG16 file, needed by torchmetrics' LPIPS (vgg)
 
 
@@ -122,14 +122,10 @@ class InvSRLitModule(L.LightningModule):
         self.train_timesteps = validate_timesteps(list(train_timesteps))
         self.register_buffer("train_indices", to_index(self.train_timesteps), persistent=False)
         self.val_num_steps = [int(n) for n in val_num_steps]
-        # one Metric per step count: reduced across ranks by torchmetrics; PSNR averaged per image (dim=CHW)
-        self.val_psnr = nn.ModuleDict(
-            {str(n): PeakSignalNoiseRatio(1.0, dim=(1, 2, 3)) for n in val_num_steps}
-        )
-        self.val_ssim = nn.ModuleDict(
-            {str(n): StructuralSimilarityIndexMeasure(data_range=1.0) for n in val_num_steps}
-        )
-        self.val_lpips: nn.ModuleDict | None = None  # built in setup() only if its weights are on disk
+        # one Metric per step count and split (test: per test set), reduced across ranks by torchmetrics;
+        # built in setup(), before the strategy moves the module, once we know whether LPIPS weights exist
+        self.val_metrics: nn.ModuleDict | None = None
+        self.test_metrics = nn.ModuleList()
         self.iteration = 0  # our own counter: trainer.global_step counts G and D steps (ARCHITECTURE fact 4)
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
@@ -290,8 +286,24 @@ class InvSRLitModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        srs = self._score_batch(batch, batch_idx, self.val_metrics, "val")
+        keep = self.hparams.val_keep_images  # for the image logger callback (rank zero reads it)
+        self.last_val_images = {
+            "lq": batch["lq"][:keep].detach().cpu(),
+            "gt": batch["gt"][:keep].detach().cpu(),
+            "sr": {n: sr[:keep].detach().cpu() for n, sr in srs.items()},
+        }
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Score a paired test set like validation, logged as ``test/<set name>/psnr_<n>step`` etc."""
+        self._score_batch(
+            batch, batch_idx, self.test_metrics[dataloader_idx], f"test/{self._test_names()[dataloader_idx]}"
+        )
+
+    def _score_batch(self, batch: dict[str, Any], batch_idx: int, metrics: nn.ModuleDict, prefix: str):
+        """SR per ``val_num_steps``; PSNR/SSIM on Y (no border crop), LPIPS on RGB. Returns {n: SR}."""
         lq, gt = batch["lq"], batch["gt"]
-        # the same draws for the same batch in every validation, so curves compare weights, not noise
+        # the same draws for the same batch in every evaluation, so curves compare weights, not noise
         gen = torch.Generator(device=self.device).manual_seed(self.hparams.seed + batch_idx)
         srs: dict[int, Tensor] = {}
         for n in self.val_num_steps:
@@ -299,18 +311,16 @@ class InvSRLitModule(L.LightningModule):
             if sr.shape != gt.shape:
                 raise ValueError(f"SR shape {tuple(sr.shape)} != GT shape {tuple(gt.shape)} (wrong scale?)")
             sr_y, gt_y = rgb_to_y(sr), rgb_to_y(gt)
-            metrics = {"psnr": (self.val_psnr, sr_y, gt_y), "ssim": (self.val_ssim, sr_y, gt_y)}
-            if self.val_lpips is not None:
-                metrics["lpips"] = (self.val_lpips, sr, gt)
-            for name, (group, pred, target) in metrics.items():  # Y channel, no border crop
+            for name, group in metrics.items():
+                pred, target = (sr, gt) if name == "lpips" else (sr_y, gt_y)
                 group[str(n)].update(pred, target)
-                self.log(f"val/{name}_{n}step", group[str(n)], batch_size=lq.shape[0])
-        keep = self.hparams.val_keep_images  # for the image logger callback (rank zero reads it)
-        self.last_val_images = {
-            "lq": lq[:keep].detach().cpu(),
-            "gt": gt[:keep].detach().cpu(),
-            "sr": {n: sr[:keep].detach().cpu() for n, sr in srs.items()},
-        }
+                self.log(
+                    f"{prefix}/{name}_{n}step",
+                    group[str(n)],
+                    batch_size=lq.shape[0],
+                    add_dataloader_idx=False,
+                )
+        return srs
 
     # ------------------------------------------------------------------ optimisers
     def configure_optimizers(self) -> tuple[list[torch.optim.Optimizer], list[LambdaLR]]:
@@ -325,12 +335,32 @@ class InvSRLitModule(L.LightningModule):
 
     # ------------------------------------------------------------------ other hooks
     def setup(self, stage: str) -> None:
-        # optional validation LPIPS: only when torchvision's VGG16 weights are cached (never download)
+        if self.val_metrics is None:
+            self.val_metrics = self._metric_set()
+        if stage == "test" and not len(self.test_metrics):
+            self.test_metrics.extend(self._metric_set() for _ in self._test_names())
+
+    def _metric_set(self) -> nn.ModuleDict:
+        """{"psnr"|"ssim"|"lpips": {str(n): Metric}}; LPIPS only if torchvision's VGG16 weights are cached."""
+        steps = [str(n) for n in self.val_num_steps]
+        metrics = {
+            "psnr": nn.ModuleDict({n: PeakSignalNoiseRatio(1.0, dim=(1, 2, 3)) for n in steps}),  # per image
+            "ssim": nn.ModuleDict({n: StructuralSimilarityIndexMeasure(data_range=1.0) for n in steps}),
+        }
         cached = os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", _VGG16_WEIGHTS))
-        if self.hparams.val_lpips and self.val_lpips is None and cached:
+        if self.hparams.val_lpips and cached:  # never download
             from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity as LPIPS
 
-            self.val_lpips = nn.ModuleDict({str(n): LPIPS("vgg", normalize=True) for n in self.val_num_steps})
+            metrics["lpips"] = nn.ModuleDict({n: LPIPS("vgg", normalize=True) for n in steps})
+        return nn.ModuleDict(metrics)
+
+    def _test_names(self) -> list[str]:
+        names = getattr(self.trainer.datamodule, "test_names", None) if self._trainer is not None else None
+        return (
+            list(names)
+            if names
+            else [str(i) for i in range(max(1, len(self.trainer.test_dataloaders or [])))]
+        )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         clip = (
