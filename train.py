@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,11 @@ from invsr_pl.utils.instantiate import (
 from invsr_pl.utils.logging import get_logger, log_hyperparameters
 
 log = get_logger(__name__)  # rank zero only
+
+# Both are by design: the frozen SD-Turbo/LPIPS stay in eval mode, and manual-optimisation checkpoints hold
+# the post-step weights together with the post-step counters (what exact resume needs).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
