@@ -131,17 +131,24 @@ def _build_models(
 
     dtype = resolve_dtype(args.dtype, device)
     smoke = args.backbone == TINY and args.noise_predictor is None
+    if args.backbone != TINY and args.noise_predictor is None:
+        raise SetupError(
+            "--noise-predictor is required with a real backbone: download "
+            "noise_predictor_sd_turbo_v5.pth from huggingface.co/OAOA/InvSR (INVSR_REFERENCE §7.3) "
+            "or pass a trained/exported folder"
+        )
+    # the small noise predictor first: a wrong path fails before the multi-GB backbone is read
+    if args.noise_predictor is not None:
+        noise_predictor = _load_noise_predictor(args.noise_predictor)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            noise_predictor = NoisePredictor(**TINY_NOISE_PREDICTOR)
     if args.backbone == TINY:
         from invsr_pl.models.tiny import build_tiny_sd_turbo
 
         backbone = build_tiny_sd_turbo(seed=args.seed, dtype=str(dtype).removeprefix("torch."))
     else:
-        if args.noise_predictor is None:
-            raise SetupError(
-                "--noise-predictor is required with a real backbone: download "
-                "noise_predictor_sd_turbo_v5.pth from huggingface.co/OAOA/InvSR (INVSR_REFERENCE §7.3) "
-                "or pass a trained/exported folder"
-            )
         try:
             backbone = FrozenSDTurbo.from_pretrained(
                 args.backbone,
@@ -152,12 +159,6 @@ def _build_models(
             )
         except FileNotFoundError as err:  # BackboneWeightsNotFound carries the how-to message
             raise SetupError(str(err)) from err
-    if args.noise_predictor is not None:
-        noise_predictor = _load_noise_predictor(args.noise_predictor)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed)
-            noise_predictor = NoisePredictor(**TINY_NOISE_PREDICTOR)
     # the noise predictor stays fp32 (INVSR_REFERENCE §5.7: fp32 weights)
     return backbone.to(device), noise_predictor.to(device=device, dtype=torch.float32).eval(), smoke
 
