@@ -11,7 +11,8 @@ import tifffile
 import torch
 from PIL import Image
 
-from invsr_pl.cli.sr import main
+from invsr_pl.cli.sr import TINY_NOISE_PREDICTOR, main
+from invsr_pl.models.noise_predictor import NoisePredictor
 from invsr_pl.utils.images import read_image
 
 
@@ -99,8 +100,8 @@ def test_missing_backbone_weights_exit_2_without_traceback(
 ) -> None:
     src = tmp_path / "a.png"
     Image.fromarray(skimage.data.coffee()[:32, :32]).save(src)
-    weights = tmp_path / "np.pth"
-    torch.save({}, weights)
+    weights = tmp_path / "np"  # a valid (tiny) noise predictor: it is loaded before the backbone
+    NoisePredictor(**TINY_NOISE_PREDICTOR).save_pretrained(weights)
     for backbone in (
         str(tmp_path / "no-such-sd-turbo"),
         "stabilityai/sd-turbo",
