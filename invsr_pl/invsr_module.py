@@ -30,6 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from invsr_pl.losses.adversarial import clamp_fake, generator_adv_loss, hinge_d_loss
+from invsr_pl.sampling.color_fix import rgb_to_ycbcr_bt601
 from invsr_pl.sampling.sampler import InvSRSampler
 from invsr_pl.sampling.timesteps import to_index, validate_timesteps
 
@@ -58,12 +59,6 @@ def iteration_seed(seed: int, rank: int, iteration: int) -> int:
     so resume is exact without saving generator states; ranks draw distinct streams (§4.5: seed + rank)."""
     digest = hashlib.sha256(f"{seed}:{rank}:{iteration}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def rgb_to_y(image: Tensor) -> Tensor:
-    """BT.601 studio-swing luma as pyiqa's ``rgb2ycbcr``: (B,3,H,W) in [0,1] -> (B,1,H,W) in [16, 235]/255."""
-    weights = image.new_tensor([65.481, 128.553, 24.966]).view(1, 3, 1, 1)
-    return ((image * weights).sum(dim=1, keepdim=True) + 16.0) / 255.0
 
 
 class InvSRLitModule(L.LightningModule):
@@ -310,7 +305,8 @@ class InvSRLitModule(L.LightningModule):
             sr = srs[n] = self(lq, num_steps=n, generator=gen)
             if sr.shape != gt.shape:
                 raise ValueError(f"SR shape {tuple(sr.shape)} != GT shape {tuple(gt.shape)} (wrong scale?)")
-            sr_y, gt_y = rgb_to_y(sr), rgb_to_y(gt)
+            # Y of BT.601 studio-swing YCbCr, as pyiqa's ycbcr mode and the official validation (§4.6)
+            sr_y, gt_y = rgb_to_ycbcr_bt601(sr)[:, :1], rgb_to_ycbcr_bt601(gt)[:, :1]
             for name, group in metrics.items():
                 pred, target = (sr, gt) if name == "lpips" else (sr_y, gt_y)
                 group[str(n)].update(pred, target)
