@@ -180,9 +180,11 @@ class InvSRSampler:
         with self._stage("noise_predictor"):
             # §5.2 step 5: the NP draw comes first, then the VAE posterior draw
             if self.noise_predictor is not None:
-                noise = (
-                    self.noise_predictor(lr_patch, index[:1].expand(b)).sample(generator=generator).float()
-                )
+                # §5.2 step 5 / §5.7: fp32 weights under autocast in the backbone's half dtype (off in fp32)
+                half = self.backbone.dtype if self.backbone.dtype in (torch.float16, torch.bfloat16) else None
+                with torch.autocast(device.type, dtype=half, enabled=half is not None):
+                    dist = self.noise_predictor(lr_patch, index[:1].expand(b))
+                noise = dist.sample(generator=generator).float()
             else:
                 shape = (
                     b,

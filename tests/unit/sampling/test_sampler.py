@@ -29,6 +29,7 @@ class LocalBackbone(nn.Module):
 
     vae_scale_factor = 8
     latent_channels = 4
+    dtype = torch.float32
 
     def __init__(self) -> None:
         super().__init__()
@@ -191,6 +192,24 @@ def test_tiny_sampler_shapes_range_and_determinism(tiny: tuple[nn.Module, nn.Mod
     assert a.min() >= 0 and a.max() <= 1 and torch.isfinite(a).all()
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(a, sampler(lr, generator=3))  # an int seed is a CPU generator seeded with it
+
+
+def test_half_backbone_runs_noise_predictor_under_autocast(tiny: tuple[nn.Module, nn.Module]) -> None:
+    """§5.7: fp32 noise-predictor weights under autocast when the backbone is half precision (bf16 on CPU)."""
+    from invsr_pl.models.tiny import build_tiny_sd_turbo
+
+    _, noise_predictor = tiny
+    seen: list[torch.dtype] = []
+    hook = noise_predictor.encoder.conv_in.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        lr = torch.rand(1, 3, 32, 32)
+        full = InvSRSampler(build_tiny_sd_turbo(seed=0), noise_predictor)(lr, generator=1)
+        half = InvSRSampler(build_tiny_sd_turbo(seed=0, dtype="bfloat16"), noise_predictor)(lr, generator=1)
+    finally:
+        hook.remove()
+    assert seen == [torch.float32, torch.bfloat16]
+    assert next(noise_predictor.parameters()).dtype == torch.float32  # weights untouched
+    assert half.dtype == torch.float32 and (half - full).abs().mean() < 0.05
 
 
 @pytest.mark.parametrize("steps", [[200], [200, 150, 100, 50], [700, 600, 500, 400, 300, 200, 100]])
