@@ -23,8 +23,9 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
 
-from datamodules.transforms import RandomCropFlip, stable_seed
+from datamodules.transforms import RandomCropFlip
 from invsr_pl.utils.images import IMAGE_EXTENSIONS, ImageReadError, read_image
+from invsr_pl.utils.seeding import stable_seed
 
 __all__ = [
     "IMAGE_EXTENSIONS",

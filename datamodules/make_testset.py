@@ -31,8 +31,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from datamodules.datasets import list_images
-from datamodules.transforms import center_crop, stable_seed
+from datamodules.transforms import center_crop
 from invsr_pl.utils.images import IMAGE_EXTENSIONS, ImageReadError, read_image, write_image
+from invsr_pl.utils.seeding import stable_seed
 
 __all__ = [
     "PRESETS",

@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from datamodules.datasets import SeededDataset
-from datamodules.transforms import RandomCropFlip, center_crop, stable_seed, to_float01
+from datamodules.transforms import RandomCropFlip, center_crop, to_float01
+from invsr_pl.utils.seeding import stable_seed
 
 __all__ = ["SAMPLE_PHOTOS", "SampleGTImages", "SamplePairs", "load_sample"]
 

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from datamodules.datasets import SeededDataset
 from datamodules.degradation.pair_pool import TrainingPairPool
-from datamodules.transforms import stable_seed
+from invsr_pl.utils.seeding import stable_seed
 
 __all__ = ["SRDataModule", "seed_worker"]
 

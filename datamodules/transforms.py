@@ -9,8 +9,6 @@ and flipping keep the dtype; padding and :func:`to_float01` return ``float32`` i
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -21,20 +19,8 @@ __all__ = [
     "random_crop",
     "random_hflip",
     "reflect_pad_to",
-    "stable_seed",
     "to_float01",
 ]
-
-
-def stable_seed(*parts: int | str) -> int:
-    """A 63-bit seed that depends only on ``parts`` (never on Python's per-process ``hash()`` salt).
-
-    Used wherever a seed must be the same on every machine and every run: per rank / worker generators, per
-    image synthetic degradations (make_testset, samples).
-    """
-    text = "\x1f".join(str(p) for p in parts)
-    digest = hashlib.sha256(text.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def to_float01(img: Tensor) -> Tensor:

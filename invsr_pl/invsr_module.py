@@ -13,7 +13,6 @@ optimisers; the official trainer keeps two, §4.5.)
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import time
@@ -33,6 +32,7 @@ from invsr_pl.losses.adversarial import clamp_fake, generator_adv_loss, hinge_d_
 from invsr_pl.sampling.color_fix import rgb_to_ycbcr_bt601
 from invsr_pl.sampling.sampler import InvSRSampler
 from invsr_pl.sampling.timesteps import to_index, validate_timesteps
+from invsr_pl.utils.seeding import stable_seed
 
 if TYPE_CHECKING:
     from invsr_pl.losses.perceptual import LatentLPIPS
@@ -52,13 +52,6 @@ def warmup_factor(scheduler_steps: int, warmup_steps: int) -> float:
     INVSR_REFERENCE §4.5/§7.7.1: the official trainer is off by one (iteration 1 uses the full lr).
     """
     return 1.0 if warmup_steps <= 0 else min((scheduler_steps + 1) / warmup_steps, 1.0)
-
-
-def iteration_seed(seed: int, rank: int, iteration: int) -> int:
-    """63-bit seed of one iteration on one rank: training randomness is a function of the iteration counter,
-    so resume is exact without saving generator states; ranks draw distinct streams (§4.5: seed + rank)."""
-    digest = hashlib.sha256(f"{seed}:{rank}:{iteration}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
 class InvSRLitModule(L.LightningModule):
@@ -151,7 +144,10 @@ class InvSRLitModule(L.LightningModule):
         lq, gt = batch["lq"], batch["gt"]
         self.iteration += 1
         k, hp = self.iteration, self.hparams
-        gen = torch.Generator(device=self.device).manual_seed(iteration_seed(hp.seed, self.global_rank, k))
+        # training randomness is a function of (seed, rank, iteration): exact resume without saved RNG states,
+        # distinct streams per rank (§4.5: seed + rank)
+        seed = stable_seed(hp.seed, "iteration", self.global_rank, k)
+        gen = torch.Generator(device=self.device).manual_seed(seed)
         # §4.3 step 1: one starting timestep per sample, uniform over the configured set
         choice = torch.randint(len(self.train_timesteps), (lq.shape[0],), generator=gen, device=self.device)
         index = self.train_indices[choice]  # (B,) long diffusion index = t - 1

@@ -12,9 +12,9 @@ from datamodules.transforms import (
     random_crop,
     random_hflip,
     reflect_pad_to,
-    stable_seed,
     to_float01,
 )
+from invsr_pl.utils.seeding import stable_seed
 
 
 def _gen(seed: int) -> torch.Generator:
