@@ -14,7 +14,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -24,7 +24,13 @@ from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
 
 from datamodules.transforms import RandomCropFlip
-from invsr_pl.utils.images import IMAGE_EXTENSIONS, ImageReadError, read_image
+from invsr_pl.utils.images import (
+    IMAGE_EXTENSIONS,
+    ImageReadError,
+    list_images,
+    normalise_extensions,
+    read_image,
+)
 from invsr_pl.utils.seeding import stable_seed
 
 __all__ = [
@@ -34,7 +40,6 @@ __all__ = [
     "PairedImageFolder",
     "SeededDataset",
     "image_size",
-    "list_images",
 ]
 
 log = logging.getLogger(__name__)
@@ -44,35 +49,6 @@ _READ_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.
 
 
 # ---------------------------------------------------------------------------------------- file access
-def _normalise_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
-    exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
-    if not exts:
-        raise ValueError("extensions must not be empty")
-    return exts
-
-
-def list_images(
-    root: str | os.PathLike, recursive: bool = True, extensions: Iterable[str] = IMAGE_EXTENSIONS
-) -> list[Path]:
-    """All image files under ``root`` whose suffix (any case) is in ``extensions``, sorted by relative path.
-
-    Sorting by the POSIX relative path makes the order (and so "the first N") identical on every file system.
-
-    Raises:
-        FileNotFoundError: ``root`` is not a directory.
-    """
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    exts = _normalise_extensions(extensions)
-    if recursive:
-        found = [Path(d) / f for d, _, files in os.walk(root, followlinks=True) for f in files]
-    else:
-        found = [p for p in root.iterdir() if p.is_file()]
-    found = [p for p in found if p.suffix.lower() in exts and not p.name.startswith(".")]
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
-
-
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(height, width) of an image from its header only (after EXIF rotation), without decoding pixels.
 
@@ -155,7 +131,7 @@ class ImageSource:
             raise ValueError(f"length must be >= 1 or None, got {self.length}")
         if self.repeat < 1:
             raise ValueError(f"repeat must be an integer >= 1, got {self.repeat}")
-        object.__setattr__(self, "extensions", _normalise_extensions(self.extensions))
+        object.__setattr__(self, "extensions", normalise_extensions(self.extensions))
 
     @classmethod
     def coerce(cls, spec: ImageSource | Mapping | str | os.PathLike) -> ImageSource:
@@ -331,7 +307,7 @@ class PairedImageFolder(Dataset):
             raise ValueError(f"scale must be a positive integer, got {scale}")
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be >= 1 or None, got {limit}")
-        exts = _normalise_extensions(extensions)
+        exts = normalise_extensions(extensions)
         self.lq_dir = Path(lq_dir).expanduser()
         self.gt_dir = Path(gt_dir).expanduser() if gt_dir is not None else None
         self.scale = int(scale)

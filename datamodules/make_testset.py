@@ -30,9 +30,8 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from datamodules.datasets import list_images
 from datamodules.transforms import center_crop
-from invsr_pl.utils.images import IMAGE_EXTENSIONS, ImageReadError, read_image, write_image
+from invsr_pl.utils.images import IMAGE_EXTENSIONS, ImageReadError, list_images, read_image, write_image
 from invsr_pl.utils.seeding import stable_seed
 
 __all__ = [

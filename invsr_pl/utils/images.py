@@ -9,6 +9,8 @@ scikit-image). A 16-bit input gives ``bit_depth`` 16 and :func:`write_image` the
 from __future__ import annotations
 
 import io
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,6 +25,7 @@ __all__ = [
     "LoadedImage",
     "array_to_tensor",
     "list_images",
+    "normalise_extensions",
     "read_image",
     "tensor_to_array",
     "write_image",
@@ -44,11 +47,35 @@ class LoadedImage(NamedTuple):
     bit_depth: int  # 8 or 16: bits per channel of the file
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    """Files directly in ``folder`` (non-recursive) whose suffix is in :data:`IMAGE_EXTENSIONS`
-    (case-insensitive), sorted by name."""
-    folder = Path(folder)
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def normalise_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
+    """Lower-case, dot-prefixed suffixes (``"PNG"`` -> ``".png"``)."""
+    exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
+    if not exts:
+        raise ValueError("extensions must not be empty")
+    return exts
+
+
+def list_images(
+    root: str | Path, recursive: bool = False, extensions: Iterable[str] = IMAGE_EXTENSIONS
+) -> list[Path]:
+    """Image files in ``root`` (and below, if ``recursive``) whose suffix (any case) is in ``extensions``,
+    sorted by relative path; hidden files are skipped.
+
+    Sorting by the POSIX relative path makes the order (and so "the first N") identical on every file system.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a directory.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    exts = normalise_extensions(extensions)
+    if recursive:
+        found = [Path(d) / f for d, _, files in os.walk(root, followlinks=True) for f in files]
+    else:
+        found = [p for p in root.iterdir() if p.is_file()]
+    found = [p for p in found if p.suffix.lower() in exts and not p.name.startswith(".")]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
 def array_to_tensor(array: np.ndarray) -> Tensor:

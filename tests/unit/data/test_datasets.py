@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.datasets import GTImageFolder, ImageSource, PairedImageFolder, image_size, list_images
-from invsr_pl.utils.images import ImageReadError
+from datamodules.datasets import GTImageFolder, ImageSource, PairedImageFolder, image_size
+from invsr_pl.utils.images import ImageReadError, list_images
 
 
 def _write(path: Path, h: int, w: int, value: int | None = None, seed: int = 0) -> Path:
@@ -38,11 +38,11 @@ def test_list_images_sorted_recursive_and_filtered(tmp_path):
     _write(tmp_path / "a.JPG", 4, 4)
     _write(tmp_path / "sub" / "c.webp", 4, 4)
     (tmp_path / "notes.txt").write_text("x")
-    rel = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path)]
+    rel = [p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path, recursive=True)]
     assert rel == ["a.JPG", "b.png", "sub/c.webp"]
     assert [p.name for p in list_images(tmp_path, recursive=False)] == ["a.JPG", "b.png"]
     with pytest.raises(FileNotFoundError, match="image folder not found"):
-        list_images(tmp_path / "missing")
+        list_images(tmp_path / "missing", recursive=True)
 
 
 def test_multi_source_lengths_repeat_and_file_list(tmp_path):
