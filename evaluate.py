@@ -34,26 +34,11 @@ from invsr_pl import metrics as M
 
 def load_noise_predictor(cfg: DictConfig) -> tuple[torch.nn.Module, str]:
     """Build the noise predictor and load ``cfg.ckpt_path``; returns it with a note saying which weights."""
-    from invsr_pl.export import CONFIG_KEY, EMA_KEY, load_checkpoint, noise_predictor_state
-    from invsr_pl.models.noise_predictor import NoisePredictor
+    from invsr_pl.export import load_noise_predictor as load
 
     if cfg.ckpt_path is None:
         return instantiate(cfg.model.noise_predictor), "random init (no ckpt_path)"
-    path = Path(str(cfg.ckpt_path)).expanduser()
-    if path.is_dir():
-        return NoisePredictor.from_pretrained(path), f"exported folder {path}"
-    if path.suffix != ".ckpt":  # official .pth or .safetensors: architecture from model/noise_predictor
-        return instantiate(cfg.model.noise_predictor).load_checkpoint(path), f"weights file {path}"
-    ckpt = load_checkpoint(path)  # our Lightning checkpoint (layout: invsr_pl/export.py)
-    use_ema = bool(cfg.use_ema) and EMA_KEY in ckpt  # EMA by default, else the module's noise_predictor.*
-    note = (
-        "EMA weights" if use_ema else "module weights" + (" (checkpoint has no EMA)" if cfg.use_ema else "")
-    )
-    model = (
-        NoisePredictor(**ckpt[CONFIG_KEY]) if CONFIG_KEY in ckpt else instantiate(cfg.model.noise_predictor)
-    )
-    model.load_state_dict(noise_predictor_state(ckpt, use_ema), strict=True)
-    return model, f"{note} of {path}"
+    return load(str(cfg.ckpt_path), bool(cfg.use_ema), default=lambda: instantiate(cfg.model.noise_predictor))
 
 
 def _dist_setup(device: str | None) -> tuple[int, int, torch.device, bool]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,39 @@ def noise_predictor_state(checkpoint: dict[str, Any], use_ema: bool = True) -> d
                 f"checkpoint state_dict has no {STATE_PREFIX!r} keys; is it an InvSR training checkpoint?"
             )
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+
+def load_noise_predictor(
+    path: str | Path, use_ema: bool = True, default: Callable[[], NoisePredictor] = NoisePredictor
+) -> tuple[NoisePredictor, str]:
+    """Any noise-predictor weights the project knows, plus a note saying which weights were loaded.
+
+    Args:
+        path: a ``save_pretrained`` folder (or its ``model.safetensors``), a Lightning ``.ckpt`` from
+            ``train.py`` (EMA weights by default, architecture from the checkpoint), or a plain weight file
+            such as the released ``noise_predictor_sd_turbo_v5.pth`` (architecture from ``default``).
+        use_ema: ``.ckpt`` only: the EMA weights if the checkpoint has them, else the module's.
+        default: builds the architecture for plain weight files (the paper configuration by default).
+
+    Raises:
+        FileNotFoundError: no such file or folder.
+        RuntimeError / ValueError / KeyError: the weights do not fit (strict loading; the message says why).
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"noise predictor {path} does not exist")
+    if path.is_dir():
+        return NoisePredictor.from_pretrained(path), f"exported folder {path}"
+    if path.suffix == ".safetensors" and (path.parent / "config.json").is_file():
+        return NoisePredictor.from_pretrained(path.parent), f"exported folder {path.parent}"
+    if path.suffix != ".ckpt":  # INVSR_REFERENCE §1, §7.3: official .pth / .safetensors, strict keys
+        return default().load_checkpoint(path), f"weights file {path}"
+    checkpoint = load_checkpoint(path)
+    ema = use_ema and EMA_KEY in checkpoint
+    model = NoisePredictor(**checkpoint[CONFIG_KEY]) if CONFIG_KEY in checkpoint else default()
+    model.load_state_dict(noise_predictor_state(checkpoint, ema), strict=True)
+    note = "EMA weights" if ema else "module weights" + (" (checkpoint has no EMA)" if use_ema else "")
+    return model, f"{note} of {path}"
 
 
 def export_noise_predictor(

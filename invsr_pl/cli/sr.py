@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--noise-predictor",
         type=Path,
         default=None,
-        help="save_pretrained folder, .safetensors, or an official .pth (noise_predictor_sd_turbo_v5.pth)",
+        help="exported folder, .safetensors, a train.py .ckpt (EMA), or an official .pth "
+        "(noise_predictor_sd_turbo_v5.pth)",
     )
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, mps")
     p.add_argument(
@@ -109,16 +110,12 @@ def _device(name: str) -> torch.device:
 
 
 def _load_noise_predictor(path: Path):  # -> NoisePredictor
-    from invsr_pl.models.noise_predictor import NoisePredictor
+    from invsr_pl.export import load_noise_predictor
 
-    if not path.exists():
-        raise SetupError(f"noise predictor {path} does not exist")
     try:
-        if path.is_dir():
-            return NoisePredictor.from_pretrained(path)
-        if path.suffix == ".safetensors" and (path.parent / "config.json").is_file():
-            return NoisePredictor.from_pretrained(path.parent)
-        return NoisePredictor.from_official(path)  # paper configuration (INVSR_REFERENCE §1, §7.3)
+        return load_noise_predictor(path)[0]
+    except FileNotFoundError as err:
+        raise SetupError(str(err)) from err
     except (OSError, RuntimeError, ValueError, KeyError) as err:
         raise SetupError(f"cannot load the noise predictor {path}: {err}") from err
 

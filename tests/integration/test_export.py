@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from callbacks.ema import NoisePredictorEMA
-from invsr_pl.export import OFFICIAL_NAME, main
+from invsr_pl.export import OFFICIAL_NAME, load_noise_predictor, main
 from invsr_pl.invsr_module import InvSRLitModule
 from invsr_pl.models.noise_predictor import NoisePredictor
 from invsr_pl.models.tiny import build_tiny_sd_turbo
@@ -82,3 +82,19 @@ def test_export_errors_are_clear(trained: tuple[Path, InvSRLitModule], tmp_path:
     assert err.value.code == 2
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing.ckpt"), str(tmp_path / "out")])
+
+
+def test_load_noise_predictor_every_source(trained: tuple[Path, InvSRLitModule], tmp_path: Path) -> None:
+    """One loader for invsr-sr and evaluate.py: .ckpt (EMA / raw), export folder, its .safetensors, .pth."""
+    path, module = trained
+    assert main([str(path), str(tmp_path)]) == 0
+    ema = torch.load(path, map_location="cpu", weights_only=True)["ema_noise_predictor"]
+    sources = [path, tmp_path, tmp_path / "model.safetensors", tmp_path / OFFICIAL_NAME]
+    for source in sources:
+        model, note = load_noise_predictor(source, default=lambda: NoisePredictor(**TINY_NP))
+        assert all(torch.equal(model.state_dict()[k], v.float()) for k, v in ema.items()), note
+    raw, note = load_noise_predictor(path, use_ema=False)
+    assert note.startswith("module weights")
+    assert all(torch.equal(raw.state_dict()[k], v) for k, v in module.noise_predictor.state_dict().items())
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_noise_predictor(tmp_path / "missing.pth")
