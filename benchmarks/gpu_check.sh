@@ -2,8 +2,8 @@
 # The prepared GPU check: CUDA tests, then the three benchmarks on the device (degradation, training step with
 # the real SD-Turbo architecture in mixed precision, inference). Run from the repository root on a CUDA machine:
 #   OUT=gpu_check_out bash benchmarks/gpu_check.sh
-# If a `.whl/` folder of wheels is present (a bare GPU box without diffusers/hydra/kornia/...), they are installed
-# into /tmp/site first. Each stage has its own time limit so one slow stage cannot starve the others.
+# If a `.whl/` folder of wheels is present (made by benchmarks/gpu_wheels.sh for a bare GPU box), they are
+# installed into /tmp/site first. Each stage has its own time limit so one slow stage cannot starve the others.
 set -uo pipefail
 OUT=${OUT:-gpu_check_out}
 mkdir -p "$OUT"
