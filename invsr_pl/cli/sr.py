@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from invsr_pl.sampling.color_fix import COLOR_FIX_METHODS
 from invsr_pl.utils.images import IMAGE_EXTENSIONS, list_images, read_image, write_image
 
-__all__ = ["build_parser", "main"]
+__all__ = ["SetupError", "add_model_arguments", "build_models", "build_parser", "main"]
 
 DEFAULT_SEED = 12345  # INVSR_REFERENCE §7.2: sample-sd-turbo.yaml seed
 TINY = "tiny"
@@ -56,6 +56,34 @@ def _timesteps(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model options shared by ``invsr-sr`` and ``invsr-demo`` (read back by :func:`build_models`):
+    ``--backbone``, ``--noise-predictor``, ``--device``, ``--dtype``, ``--revision``, ``--cache-dir``,
+    ``--compile``."""
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--backbone",
+        default="stabilityai/sd-turbo",
+        help="SD-Turbo hub id or local diffusers folder, or 'tiny' (tiny networks, offline smoke)",
+    )
+    group.add_argument("--revision", default=None, help="hub revision of the backbone")
+    group.add_argument("--cache-dir", default=None, help="Hugging Face cache folder")
+    group.add_argument(
+        "--noise-predictor",
+        type=Path,
+        default=None,
+        help="exported folder, .safetensors, a train.py .ckpt (EMA), or an official .pth "
+        "(noise_predictor_sd_turbo_v5.pth)",
+    )
+    group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, mps")
+    group.add_argument(
+        "--dtype", default="auto", help="backbone weights: auto (fp16 on CUDA), float32, float16, bfloat16"
+    )
+    group.add_argument(
+        "--compile", action="store_true", help="torch.compile the UNet and noise predictor (slow first image)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="invsr-sr",
@@ -74,24 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--chopping-batch", type=int, default=8, help="patches per network call")
     p.add_argument("--color-fix", choices=COLOR_FIX_METHODS, default="none", help="colour correction")
-    p.add_argument(
-        "--backbone",
-        default="stabilityai/sd-turbo",
-        help="SD-Turbo hub id or local diffusers folder, or 'tiny' (random tiny networks, offline smoke)",
-    )
-    p.add_argument("--revision", default=None, help="hub revision of the backbone")
-    p.add_argument("--cache-dir", default=None, help="Hugging Face cache folder")
-    p.add_argument(
-        "--noise-predictor",
-        type=Path,
-        default=None,
-        help="exported folder, .safetensors, a train.py .ckpt (EMA), or an official .pth "
-        "(noise_predictor_sd_turbo_v5.pth)",
-    )
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, mps")
-    p.add_argument(
-        "--dtype", default="auto", help="backbone weights: auto (fp16 on CUDA), float32, float16, bfloat16"
-    )
+    add_model_arguments(p)
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of each image's noise draws")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -120,18 +131,28 @@ def _load_noise_predictor(path: Path):  # -> NoisePredictor
         raise SetupError(f"cannot load the noise predictor {path}: {err}") from err
 
 
-def _build_models(
-    args: argparse.Namespace, device: torch.device
-):  # -> (FrozenSDTurbo, NoisePredictor, smoke)
+def build_models(args: argparse.Namespace):  # -> (FrozenSDTurbo, NoisePredictor, smoke, torch.device)
+    """Load (or, in smoke mode, build) the models named by :func:`add_model_arguments`'s options.
+
+    Returns:
+        ``(backbone, noise_predictor, smoke, device)``: the frozen backbone on ``device`` in the requested
+        dtype, the fp32 noise predictor in eval mode on ``device`` (its ``scale`` is the SR factor), whether
+        these are untrained smoke-mode networks, and the resolved device.
+
+    Raises:
+        SetupError: unknown device, missing/unreadable weights; the message is one line for the user.
+    """
     from invsr_pl.models.noise_predictor import NoisePredictor
     from invsr_pl.models.sd_turbo import FrozenSDTurbo, resolve_dtype
 
+    device = _device(args.device)
+    seed = getattr(args, "seed", DEFAULT_SEED)
     dtype = resolve_dtype(args.dtype, device)
     smoke = args.backbone == TINY and args.noise_predictor is None
     if args.backbone != TINY and args.noise_predictor is None:
         raise SetupError(
             "--noise-predictor is required with a real backbone: download "
-            "noise_predictor_sd_turbo_v5.pth from huggingface.co/OAOA/InvSR (INVSR_REFERENCE §7.3) "
+            "noise_predictor_sd_turbo_v5.pth from huggingface.co/OAOA/InvSR "
             "or pass a trained/exported folder"
         )
     # the small noise predictor first: a wrong path fails before the multi-GB backbone is read
@@ -139,12 +160,12 @@ def _build_models(
         noise_predictor = _load_noise_predictor(args.noise_predictor)
     else:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(args.seed)
+            torch.manual_seed(seed)
             noise_predictor = NoisePredictor(**TINY_NOISE_PREDICTOR)
     if args.backbone == TINY:
         from invsr_pl.models.tiny import build_tiny_sd_turbo
 
-        backbone = build_tiny_sd_turbo(seed=args.seed, dtype=str(dtype).removeprefix("torch."))
+        backbone = build_tiny_sd_turbo(seed=seed, dtype=str(dtype).removeprefix("torch."))
     else:
         try:
             backbone = FrozenSDTurbo.from_pretrained(
@@ -156,8 +177,14 @@ def _build_models(
             )
         except FileNotFoundError as err:  # BackboneWeightsNotFound carries the how-to message
             raise SetupError(str(err)) from err
-    # the noise predictor stays fp32 (INVSR_REFERENCE §5.7: fp32 weights)
-    return backbone.to(device), noise_predictor.to(device=device, dtype=torch.float32).eval(), smoke
+    backbone = backbone.to(device)
+    # the noise predictor stays fp32 (docs/sampling.md: precision)
+    noise_predictor = noise_predictor.to(device=device, dtype=torch.float32).eval()
+    if getattr(args, "compile", False):
+        from invsr_pl.utils.compile import compile_for_inference  # imported only when asked for
+
+        compile_for_inference(backbone, noise_predictor)
+    return backbone, noise_predictor, smoke, device
 
 
 def _inputs(path: Path) -> list[Path]:
@@ -190,8 +217,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.chopping_size < 0 or args.chopping_batch < 1:
         raise SetupError("--chopping-size must be >= 0 and --chopping-batch >= 1")
     files = _inputs(args.input)
-    device = _device(args.device)
-    backbone, noise_predictor, smoke = _build_models(args, device)
+    backbone, noise_predictor, smoke, device = build_models(args)
     if smoke:
         print(
             "invsr-sr: smoke mode: random tiny backbone and noise predictor (--backbone tiny without "
