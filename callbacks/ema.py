@@ -1,4 +1,4 @@
-"""Exponential moving average of the noise predictor only (ARCHITECTURE fact 8, INVSR_REFERENCE §4.5).
+"""Exponential moving average of the noise predictor only (docs/training.md, EMA).
 
 Lightning's ``EMAWeightAveraging`` deep-copies the whole LightningModule (frozen SD-Turbo and discriminator
 included). InvSR averages only the trained generator, so this callback keeps a flat copy of
@@ -13,7 +13,9 @@ import lightning.pytorch as L
 import torch
 from torch import Tensor, nn
 
-EMA_CHECKPOINT_KEY = "ema_noise_predictor"  # top-level checkpoint key the export command reads
+from invsr_pl.utils.checkpoint import EMA_KEY, load_checkpoint
+
+EMA_CHECKPOINT_KEY = EMA_KEY  # top-level checkpoint key (the format lives in invsr_pl.utils.checkpoint)
 
 
 class NoisePredictorEMA(L.Callback):
@@ -22,7 +24,7 @@ class NoisePredictorEMA(L.Callback):
     * Update after every training batch (one batch = one InvSR iteration in manual optimisation) on *every*
       rank, so DDP ranks, whose weights are identical, keep identical EMAs. Floating-point parameters that
       require grad are averaged: ``ema <- ema - (1 - d_k) * (ema - theta)`` with
-      ``d_k = min(decay, (1 + k) / (10 + k))`` for the k-th update, k = 1, 2, ... (INVSR_REFERENCE §4.5).
+      ``d_k = min(decay, (1 + k) / (10 + k))`` for the k-th update, k = 1, 2, ... (docs/training.md).
       Frozen parameters and buffers are copied.
     * For validation and test the EMA weights are copied *in place* into the live module (so any sampler that
       references it sees them) and the training weights are put back afterwards.
@@ -125,11 +127,16 @@ class NoisePredictorEMA(L.Callback):
         path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
         if self.ema is not None or self._pending is not None or not path or trainer.state.fn == "fit":
             return
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_checkpoint(path)  # tensors-only unpickling; unreadable files: one-line error
         if EMA_CHECKPOINT_KEY in checkpoint:
             self._pending = dict(checkpoint[EMA_CHECKPOINT_KEY])
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._swap_out(pl_module)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # e.g. SIGTERM during validation: put the training weights back before any checkpoint callback
+        # (Lightning runs checkpoint callbacks last) saves the module
         self._swap_out(pl_module)
 
     @torch.no_grad()

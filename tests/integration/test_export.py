@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from callbacks.ema import NoisePredictorEMA
-from invsr_pl.export import OFFICIAL_NAME, load_noise_predictor, main
+from invsr_pl.export import OFFICIAL_NAME, main
+from invsr_pl.utils.checkpoint import load_noise_predictor
 from invsr_pl.invsr_module import InvSRLitModule
 from invsr_pl.models.noise_predictor import NoisePredictor
 from invsr_pl.models.tiny import build_tiny_sd_turbo
@@ -71,17 +73,34 @@ def test_export_raw_weights_with_no_ema(trained: tuple[Path, InvSRLitModule], tm
     assert all(torch.equal(got[k], v) for k, v in module.noise_predictor.state_dict().items())
 
 
-def test_export_errors_are_clear(trained: tuple[Path, InvSRLitModule], tmp_path: Path) -> None:
+def test_export_errors_are_clear(
+    trained: tuple[Path, InvSRLitModule], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path, _ = trained
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     del ckpt["ema_noise_predictor"]
     no_ema = tmp_path / "no_ema.ckpt"
     torch.save(ckpt, no_ema)
-    with pytest.raises(SystemExit) as err:
-        main([str(no_ema), str(tmp_path / "out")])
-    assert err.value.code == 2
-    with pytest.raises(SystemExit):
-        main([str(tmp_path / "missing.ckpt"), str(tmp_path / "out")])
+    assert main([str(no_ema), str(tmp_path / "out")]) == 2
+    assert "--no-ema" in capsys.readouterr().err
+    assert main([str(tmp_path / "missing.ckpt"), str(tmp_path / "out")]) == 2
+    assert "missing.ckpt" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_exported_files_have_ordinary_permissions(trained: tuple[Path, InvSRLitModule], tmp_path: Path) -> None:
+    path, _ = trained
+    assert main([str(path), str(tmp_path / "out")]) == 0
+    files = sorted((tmp_path / "out").iterdir())
+    assert [f.name for f in files] == ["config.json", "model.safetensors", OFFICIAL_NAME]  # no leftovers
+    expected = 0o666 & ~_umask()
+    assert all(f.stat().st_mode & 0o777 == expected for f in files), [oct(f.stat().st_mode) for f in files]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_load_noise_predictor_every_source(trained: tuple[Path, InvSRLitModule], tmp_path: Path) -> None:
