@@ -21,18 +21,16 @@ from torch.utils.checkpoint import checkpoint
 
 from invsr_pl.utils.checkpoint import read_state_dict
 
-__all__ = ["LatentDiscriminator", "TINY_DISCRIMINATOR_KWARGS"]
+__all__ = ["LatentDiscriminator"]
 
-# Constructor arguments of a few-channel twin that runs in milliseconds on CPU (tests, smoke runs). Its
-# cross_attention_dim must match the backbone's prompt embedding width (32 for build_tiny_sd_turbo).
-TINY_DISCRIMINATOR_KWARGS: dict = {
-    "block_out_channels": (32, 32, 64),
-    "layers_per_block": 1,
-    "num_attention_heads": (2, 2, 4),
-    "cross_attention_dim": 32,
-    "norm_num_groups": 8,
-    "addition_embed_type_num_heads": 4,
-}
+
+def __getattr__(name: str):
+    # Transitional alias while callers move to invsr_pl.models.tiny.TINY_DISCRIMINATOR (one tiny config).
+    if name == "TINY_DISCRIMINATOR_KWARGS":
+        from invsr_pl.models.tiny import TINY_DISCRIMINATOR
+
+        return TINY_DISCRIMINATOR
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _per_block(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
@@ -61,7 +59,7 @@ class LatentDiscriminator(nn.Module):
 
     Paper configuration (INVSR_REFERENCE §2.1) = constructor defaults: 112,082,532 parameters, state-dict keys
     and shapes identical to the released ``discriminator_sd_turbo_v5.pth``. A CPU-sized twin:
-    ``LatentDiscriminator(**TINY_DISCRIMINATOR_KWARGS)``.
+    ``invsr_pl.models.tiny.tiny_discriminator()``.
 
     Args:
         in_channels: latent channels (4 for SD).

@@ -101,7 +101,7 @@ class _TimeAwareEncoder(nn.Module):
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))
 
 
-def _down_stages(scale: int, vae_scale_factor: int) -> int:
+def down_stages(scale: int, vae_scale_factor: int) -> int:
     """Number of x2 downsamplers taking the LR grid onto the SD latent grid of the x``scale`` SR image."""
     for name, value in (("scale", scale), ("vae_scale_factor", vae_scale_factor)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -151,7 +151,7 @@ class NoisePredictor(nn.Module):
         vae_scale_factor: int = 8,
     ) -> None:
         super().__init__()
-        stages = _down_stages(scale, vae_scale_factor)
+        stages = down_stages(scale, vae_scale_factor)
         widths = [int(c) for c in block_out_channels]
         if len(widths) != stages + 1:
             raise ValueError(
