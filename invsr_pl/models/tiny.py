@@ -3,11 +3,11 @@
 Every test, benchmark, YAML option (``conf/model/*/tiny.yaml``) and the SR command's smoke mode builds its
 tiny networks here, so there is one tiny configuration per network.
 
-The SD-Turbo twin has the same interface and geometry as SD-Turbo where it matters to callers: VAE factor 8, 4 latent channels,
-scaling 0.18215, cross-attention on a ``(1, 77, D)`` prompt embedding, SD-Turbo's scheduler (same sigma
-table). Random, seeded weights; builds in well under a second and runs a 64x64 image in milliseconds on CPU.
-The tiny UNet has two levels (one x2 downsampler) instead of SD-Turbo's four; both take any latent size
-because diffusers' UNet passes explicit upsample sizes.
+The SD-Turbo twin has the same interface and geometry as SD-Turbo where it matters to callers: VAE
+factor 8, 4 latent channels, scaling 0.18215, cross-attention on a ``(1, 77, D)`` prompt embedding,
+SD-Turbo's scheduler (same sigma table). Random, seeded weights; builds in well under a second and runs a
+64x64 image in milliseconds on CPU. The tiny UNet has two levels (one x2 downsampler) instead of SD-Turbo's
+four; both take any latent size because diffusers' UNet passes explicit upsample sizes.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ def compile_for_inference(
             a network output across the next call of the same network (the sampler never does).
 
     Raises:
-        ValueError: unknown ``mode``; RuntimeError: on CPU when no C++ compiler is installed (torch needs one).
+        ValueError: unknown ``mode``. At the first call, torch raises when no C++ compiler is installed (CPU).
     """
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
