@@ -1,0 +1,115 @@
+"""``invsr-demo``: a web page (Gradio) for InvSR super-resolution, with ``invsr-sr``'s model options.
+
+Examples::
+
+    invsr-demo --backbone tiny                       # offline smoke mode: random tiny networks, no download
+    invsr-demo --noise-predictor noise_predictor_sd_turbo_v5.pth --port 7860
+    invsr-demo --backbone /models/sd-turbo --noise-predictor runs/x/np --host 0.0.0.0 --compile
+
+The models are loaded once at start; the page has a single-image view (also the ``/upscale`` API endpoint for
+``gradio_client``) and a batch view. Jobs queue and run one at a time by default (``--concurrency``).
+Exit codes: 0 server stopped normally, 2 bad arguments, models that cannot be loaded, or a port in use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from invsr_pl.cli.sr import SetupError, add_model_arguments, build_models
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="invsr-demo",
+        description="Serve a web page for InvSR super-resolution (single images, batches, /upscale API).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_model_arguments(p)
+    p.add_argument("--chopping-batch", type=int, default=8, help="patches per network call")
+    server = p.add_argument_group("server")
+    server.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: the whole network)"
+    )
+    server.add_argument("--port", type=int, default=7860, help="port to listen on")
+    server.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    server.add_argument("--concurrency", type=int, default=1, help="jobs running at once; the rest queue")
+    server.add_argument("--queue-size", type=int, default=20, help="jobs that may wait in the queue")
+    server.add_argument("--max-megapixels", type=float, default=4.0, help="largest input image, in MP")
+    server.add_argument("--max-upload-mb", type=int, default=50, help="largest upload, in MB")
+    server.add_argument("--max-batch-files", type=int, default=50, help="most files in one batch")
+    return p
+
+
+def _check(args: argparse.Namespace) -> None:
+    positive = ("chopping_batch", "concurrency", "queue_size", "max_upload_mb", "max_batch_files")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise SetupError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_megapixels <= 0:
+        raise SetupError(f"--max-megapixels must be > 0, got {args.max_megapixels}")
+    if not 0 < args.port < 65536:
+        raise SetupError(f"--port must be in 1..65535, got {args.port}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point; serves until interrupted. Returns the exit code (0 ok, 2 setup error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        _check(args)
+        try:
+            from invsr_pl.demo.app import build_app, launch
+        except ImportError as err:
+            raise SetupError(f"{err}; install the demo extra: pip install 'invsr-pl[demo]'") from err
+        from invsr_pl.demo.engine import Upscaler
+
+        start = time.perf_counter()
+        backbone, noise_predictor, smoke, device = build_models(args)  # once, before serving
+        upscaler = Upscaler(
+            backbone,
+            noise_predictor,
+            device,
+            smoke=smoke,
+            backbone_name=args.backbone,
+            weights_name=str(args.noise_predictor) if args.noise_predictor else "random tiny (smoke mode)",
+            chopping_batch=args.chopping_batch,
+            max_megapixels=args.max_megapixels,
+        )
+    except SetupError as err:
+        print(f"invsr-demo: error: {err}", file=sys.stderr)
+        return 2
+    print(f"invsr-demo: models loaded in {time.perf_counter() - start:.1f} s on {device}", file=sys.stderr)
+    if smoke:
+        print(
+            "invsr-demo: smoke mode: random tiny networks; outputs only prove the path runs", file=sys.stderr
+        )
+    host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    app = build_app(
+        upscaler,
+        concurrency=args.concurrency,
+        max_batch_files=args.max_batch_files,
+        url=f"http://{host}:{args.port}/",
+    )
+    try:
+        launch(
+            app,
+            host=args.host,
+            port=args.port,
+            share=args.share,
+            queue_size=args.queue_size,
+            max_upload_mb=args.max_upload_mb,
+        )
+    except OSError as err:  # the port is taken or the address cannot be bound
+        print(f"invsr-demo: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        upscaler.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

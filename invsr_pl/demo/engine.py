@@ -1,0 +1,376 @@
+"""The demo's engine: models loaded once, one request's settings, image files in, exact PNG files out.
+
+No web framework here: the page (``invsr_pl.demo.app``) only turns form values into :class:`Settings`, calls
+:meth:`Upscaler.upscale_file` / :meth:`Upscaler.upscale_batch` and shows what they return. Every image goes
+through :class:`~invsr_pl.sampling.sampler.InvSRSampler` exactly as in ``invsr-sr``: read with
+``read_image`` (EXIF orientation, ICC to sRGB, alpha and 16-bit kept), one generator per image seeded with the
+request's seed, alpha upscaled with plain bicubic and re-attached, written with ``write_image`` at the input's
+bit depth (docs/sampling.md).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from invsr_pl.cli.sr import DEFAULT_SEED
+from invsr_pl.sampling import timesteps as ts
+from invsr_pl.sampling.color_fix import COLOR_FIX_METHODS
+from invsr_pl.sampling.sampler import InvSRSampler
+from invsr_pl.utils.images import ImageReadError, read_image, write_image
+
+__all__ = ["BatchResult", "RequestError", "Result", "Settings", "Upscaler"]
+
+
+class RequestError(ValueError):
+    """A request the demo cannot serve (bad settings, unreadable or too large image, out of memory); the
+    message is one line for the visitor."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One request's sampling settings: the page's controls.
+
+    Attributes:
+        steps: number of sampling steps with the paper's schedule (docs/conventions.md), 1-5.
+        timesteps: explicit strictly descending user timesteps (e.g. ``(200, 100)``); override ``steps``.
+        chopping_size: LR patch size, a multiple of the sampler's modulus; 0: the whole image in one pass.
+        color_fix: one of ``COLOR_FIX_METHODS``.
+        seed: seed of each image's noise draws (equal seeds give equal outputs).
+    """
+
+    steps: int = 1
+    timesteps: tuple[int, ...] | None = None
+    chopping_size: int = 128
+    color_fix: str = "none"
+    seed: int = DEFAULT_SEED
+
+    @classmethod
+    def from_form(
+        cls,
+        steps: float | None = 1,
+        timesteps: str | None = "",
+        chopping_size: float | None = 128,
+        color_fix: str | None = "none",
+        seed: float | None = DEFAULT_SEED,
+    ) -> Settings:
+        """Settings from the page's (or an API caller's) raw values; :class:`RequestError` on bad ones.
+
+        ``timesteps`` is text such as ``"200, 100"``; empty means "use ``steps``".
+        """
+        text = (timesteps or "").replace(" ", "")
+        parsed: tuple[int, ...] | None = None
+        if text:
+            try:
+                parsed = tuple(ts.validate_timesteps([int(v) for v in text.split(",") if v]))
+            except ValueError as err:
+                raise RequestError(f"timesteps {timesteps!r}: {err} (expected e.g. 200,100)") from err
+        for name, value in (("steps", steps), ("chopping size", chopping_size), ("seed", seed)):
+            if value is None or float(value) != int(value):
+                raise RequestError(f"{name} must be a whole number, got {value!r}")
+        if not 1 <= int(steps) <= 5 and parsed is None:
+            raise RequestError(f"steps must be between 1 and 5, got {int(steps)}")
+        if int(chopping_size) < 0:
+            raise RequestError(f"chopping size must be >= 0, got {int(chopping_size)}")
+        color_fix = color_fix or "none"
+        if color_fix not in COLOR_FIX_METHODS:
+            raise RequestError(f"colour fix must be one of {', '.join(COLOR_FIX_METHODS)}, got {color_fix!r}")
+        return cls(int(steps), parsed, int(chopping_size), color_fix, int(seed))
+
+
+@dataclass(frozen=True)
+class Result:
+    """One super-resolved image.
+
+    Attributes:
+        path: the exact output PNG (input bit depth, alpha kept), ``<stem>_x<scale>.png``.
+        before: 8-bit preview of the input, bicubic to the output size (or ``preview``'s size), for a
+            before/after slider; None when previews were not asked for.
+        after: the output at the preview size (``path`` itself when it is small enough); None likewise.
+        input_size / output_size: (width, height) in pixels.
+        bit_depth: 8 or 16; has_alpha: whether an alpha channel was carried through.
+        timesteps: the user timesteps actually used; seconds: wall time from reading to the written file.
+    """
+
+    path: Path
+    before: Path | None
+    after: Path | None
+    input_size: tuple[int, int]
+    output_size: tuple[int, int]
+    bit_depth: int
+    has_alpha: bool
+    timesteps: tuple[int, ...]
+    settings: Settings
+    seconds: float
+
+    def describe(self) -> str:
+        """One line: sizes, time and the settings used (for the page)."""
+        (w, h), (ow, oh), s = self.input_size, self.output_size, self.settings
+        chop = f"chopping {s.chopping_size}" if s.chopping_size else "no chopping"
+        kind = f"{self.bit_depth}-bit {'RGBA' if self.has_alpha else 'RGB'}"
+        steps = ",".join(str(t) for t in self.timesteps)
+        return (
+            f"{w}x{h} -> {ow}x{oh} {kind} PNG in {self.seconds:.2f} s; {len(self.timesteps)} step(s) "
+            f"(timesteps {steps}), {chop}, colour fix {s.color_fix}, seed {s.seed}"
+        )
+
+
+@dataclass
+class BatchResult:
+    """A batch: the zip of the written PNGs (None when nothing succeeded) and ``(file name, reason)`` per
+    failed file."""
+
+    zip_path: Path | None
+    written: list[Result] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        total = len(self.written) + len(self.failed)
+        return f"{len(self.written)} of {total} image(s) super-resolved in {self.seconds:.1f} s" + (
+            f"; {len(self.failed)} failed (listed below)" if self.failed else ""
+        )
+
+
+class Upscaler:
+    """The loaded models and everything a request needs; one instance per demo process.
+
+    Args:
+        backbone: frozen SD-Turbo (or tiny) backbone on ``device`` (from ``invsr_pl.cli.sr.build_models``).
+        noise_predictor: fp32 noise predictor on ``device``; its ``scale`` is the SR factor.
+        device: where the networks run; each image's generator lives there (as in ``invsr-sr``).
+        smoke: the networks are untrained tiny ones (stated on the page).
+        backbone_name / weights_name: what the page states as the backbone and noise-predictor weights.
+        chopping_batch: patches per network call.
+        max_megapixels: largest input accepted (width x height / 1e6), checked before decoding.
+        preview_max_side: longest side of the slider previews; the download is always full size.
+        workdir: folder for outputs (a fresh temporary folder by default, removed by :meth:`close`).
+        keep_seconds: request folders older than this are removed when a new request starts.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        noise_predictor: nn.Module | None,
+        device: torch.device | str,
+        *,
+        smoke: bool = False,
+        backbone_name: str = "",
+        weights_name: str = "",
+        chopping_batch: int = 8,
+        max_megapixels: float = 4.0,
+        preview_max_side: int = 2048,
+        workdir: str | Path | None = None,
+        keep_seconds: float = 3600.0,
+    ) -> None:
+        if max_megapixels <= 0 or preview_max_side < 1 or chopping_batch < 1:
+            raise ValueError("max_megapixels must be > 0, preview_max_side and chopping_batch >= 1")
+        self.backbone = backbone
+        self.noise_predictor = noise_predictor
+        self.device = torch.device(device)
+        self.smoke = smoke
+        self.backbone_name = backbone_name
+        self.weights_name = weights_name
+        self.chopping_batch = chopping_batch
+        self.max_megapixels = max_megapixels
+        self.preview_max_side = preview_max_side
+        self._own_workdir = workdir is None
+        self.workdir = Path(tempfile.mkdtemp(prefix="invsr-demo-") if workdir is None else workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.keep_seconds = keep_seconds
+        probe = InvSRSampler(backbone, noise_predictor, chopping_size=None)
+        self.scale: int = probe.scale
+        self.modulus: int = probe.modulus  # chopping sizes must be multiples of it
+
+    # ------------------------------------------------------------------ page facts
+
+    def describe(self) -> str:
+        """Markdown lines stating the backbone, weights, dtype and device (and smoke mode)."""
+        device = str(self.device)
+        if self.device.type == "cuda":
+            device += f" ({torch.cuda.get_device_name(self.device)})"
+        dtype = str(getattr(self.backbone, "dtype", "")).removeprefix("torch.")
+        lines = [
+            f"**Backbone** `{self.backbone_name}` ({dtype}) · **Noise predictor** `{self.weights_name}` · "
+            f"**Device** `{device}` · **Scale** x{self.scale}"
+        ]
+        if self.smoke:
+            lines.append(
+                "**Smoke mode**: random tiny backbone and noise predictor (`--backbone tiny` without "
+                "`--noise-predictor`), no download; the outputs only prove that the whole path runs."
+            )
+        return "\n\n".join(lines)
+
+    # ------------------------------------------------------------------ requests
+
+    def sampler(self, settings: Settings) -> InvSRSampler:
+        """The request's sampler (cheap: it holds references to the loaded networks)."""
+        try:
+            return InvSRSampler(
+                self.backbone,
+                self.noise_predictor,
+                num_steps=settings.steps,
+                timesteps=settings.timesteps,
+                chopping_size=settings.chopping_size or None,
+                chopping_batch=self.chopping_batch,
+                color_fix=settings.color_fix,
+            )
+        except ValueError as err:
+            raise RequestError(str(err)) from err
+
+    def check_size(self, path: str | Path) -> tuple[int, int]:
+        """(width, height) of an image file from its header, before any decoding; :class:`RequestError`
+        when the file is not an image or is larger than ``max_megapixels``."""
+        name = Path(path).name
+        try:
+            with Image.open(path) as im:
+                width, height = im.size
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise RequestError(f"{name} is not a readable image (png, jpg, bmp, webp, tif): {err}") from err
+        megapixels = width * height / 1e6
+        if megapixels > self.max_megapixels:
+            raise RequestError(
+                f"{name} is {width}x{height} ({megapixels:.1f} MP); this demo accepts images up to "
+                f"{self.max_megapixels:g} MP (the x{self.scale} result of such an image would be "
+                f"{self.scale**2 * megapixels:.0f} MP). Crop or downscale it, or run invsr-sr on it."
+            )
+        return width, height
+
+    def new_request_dir(self) -> Path:
+        """A fresh folder under ``workdir`` for one request; removes request folders older than
+        ``keep_seconds`` (the page has served them long ago)."""
+        now = time.time()
+        for old in self.workdir.iterdir():
+            if old.is_dir() and now - old.stat().st_mtime > self.keep_seconds:
+                shutil.rmtree(old, ignore_errors=True)
+        return Path(tempfile.mkdtemp(prefix="req-", dir=self.workdir))
+
+    def upscale_file(
+        self,
+        path: str | Path,
+        settings: Settings,
+        out_path: str | Path | None = None,
+        previews: bool = True,
+    ) -> Result:
+        """Super-resolve one image file into an exact PNG (``out_path`` or ``<new dir>/<stem>_x<s>.png``).
+
+        Raises:
+            RequestError: bad settings, not an image, too large, or out of memory.
+        """
+        start = time.perf_counter()
+        path = Path(path)
+        sampler = self.sampler(settings)
+        self.check_size(path)
+        try:
+            image, alpha, bit_depth = read_image(path)
+        except ImageReadError as err:
+            raise RequestError(f"{path.name}: {err}") from err
+        if out_path is None:
+            out_path = self.new_request_dir() / f"{path.stem}_x{self.scale}.png"
+        out_path = Path(out_path)
+        generator = torch.Generator(device=self.device).manual_seed(settings.seed)  # per image, as invsr-sr
+        try:
+            sr = sampler(image[None], generator=generator)[0]  # (3, s*h, s*w) in [0, 1]
+        except torch.cuda.OutOfMemoryError as err:
+            raise RequestError(
+                f"out of GPU memory on {path.name}: try a smaller chopping size or a smaller image"
+            ) from err
+        if alpha is not None:  # alpha: plain bicubic, clamped (no diffusion), as invsr-sr
+            alpha = _resize(alpha.to(sr.device), sr.shape[-2:])
+        write_image(out_path, sr, alpha, bit_depth=bit_depth)
+        before = after = None
+        if previews:
+            before, after = self._previews(image, alpha, sr, out_path)
+        h, w = image.shape[-2:]
+        return Result(
+            path=out_path,
+            before=before,
+            after=after,
+            input_size=(w, h),
+            output_size=(sr.shape[-1], sr.shape[-2]),
+            bit_depth=bit_depth,
+            has_alpha=alpha is not None,
+            timesteps=tuple(sampler.timesteps),
+            settings=settings,
+            seconds=time.perf_counter() - start,
+        )
+
+    def upscale_batch(
+        self,
+        paths: Sequence[str | Path],
+        settings: Settings,
+        progress: Callable[[int, int, str], None] | None = None,
+    ) -> BatchResult:
+        """Super-resolve several files; each failure is recorded with its reason and the rest go on.
+
+        ``progress(i, n, name)`` is called before file ``i`` (0-based) of ``n``. The PNGs are zipped as
+        ``<stem>.png`` (``<stem>_2.png`` ... for repeated stems) into ``invsr_x<scale>_results.zip``.
+        """
+        start = time.perf_counter()
+        self.sampler(settings)  # bad settings fail the whole batch at once, not once per file
+        request_dir = self.new_request_dir()
+        out_dir = request_dir / "results"
+        out_dir.mkdir()
+        result = BatchResult(zip_path=None)
+        names: set[str] = set()
+        for i, path in enumerate(paths):
+            path = Path(path)
+            if progress is not None:
+                progress(i, len(paths), path.name)
+            name, n = f"{path.stem}.png", 1
+            while name in names:
+                n += 1
+                name = f"{path.stem}_{n}.png"
+            try:
+                result.written.append(self.upscale_file(path, settings, out_dir / name, previews=False))
+                names.add(name)
+            except RequestError as err:
+                result.failed.append((path.name, str(err)))
+            except Exception as err:  # noqa: BLE001 - one bad image must not stop the others; reported
+                result.failed.append((path.name, f"{type(err).__name__}: {err}"))
+        if result.written:
+            result.zip_path = request_dir / f"invsr_x{self.scale}_results.zip"
+            partial = result.zip_path.with_suffix(".zip.part")  # never a half-written zip under its name
+            with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as zf:  # PNGs are compressed
+                for r in result.written:
+                    zf.write(r.path, arcname=r.path.name)
+            partial.replace(result.zip_path)
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def close(self) -> None:
+        """Remove the work folder if this instance created it."""
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _previews(self, image: Tensor, alpha: Tensor | None, sr: Tensor, out_path: Path) -> tuple[Path, Path]:
+        """8-bit before (bicubic input) / after previews of equal size, long side <= ``preview_max_side``."""
+        oh, ow = sr.shape[-2:]
+        shrink = min(1.0, self.preview_max_side / max(oh, ow))
+        size = (max(1, round(oh * shrink)), max(1, round(ow * shrink)))
+        before = _resize(image.to(sr.device), size)
+        before_path = out_path.with_name(f"{out_path.stem}_before.png")
+        write_image(before_path, before, None if alpha is None else _resize(alpha, size))
+        if shrink == 1.0:
+            return before_path, out_path  # browsers show 8- and 16-bit PNGs alike
+        after_path = out_path.with_name(f"{out_path.stem}_preview.png")
+        after_alpha = None if alpha is None else F.interpolate(alpha[None], size=size, mode="area")[0]
+        write_image(after_path, F.interpolate(sr[None], size=size, mode="area")[0], after_alpha)
+        return before_path, after_path
+
+
+def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
+    """(C, h, w) in [0, 1] -> (C, *size) bicubic, clamped to [0, 1]."""
+    return F.interpolate(x[None].float(), size=tuple(size), mode="bicubic").clamp(0, 1)[0]
