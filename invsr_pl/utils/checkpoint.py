@@ -18,6 +18,7 @@ Training checkpoint layout (``train.py`` / Lightning, written by ``InvSRLitModul
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -96,9 +97,11 @@ def _torch_load(path: Path, what: str, mmap: bool = False) -> Any:
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         if "weights only load failed" in str(err).lower():
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+            what_object = f" (unsupported global {found.group(1)})" if found else ""
             raise WeightFileError(
-                f"{what} {path} holds Python objects other than tensors and plain containers, so it is not "
-                "loaded (unpickling could run arbitrary code); if you trust it, re-save it as plain tensors"
+                f"{what} {path} holds Python objects{what_object} other than tensors and plain containers, so "
+                "it is not loaded (unpickling could run arbitrary code); if you trust it, re-save it as tensors"
             ) from err
         raise WeightFileError(f"{what} {path} is not a PyTorch weight file ({_first_line(err)})") from err
     except (EOFError, zipfile.BadZipFile) as err:
