@@ -1,6 +1,6 @@
-"""Pure result handling for evaluation: sharding and merging across ranks, latency statistics, tables in the
-paper's format (Markdown, CSV, terminal), per-image CSV, metadata and the fidelity-realism plot. No Lightning,
-no models: everything here takes plain Python values (floats, strings, lists of dicts).
+"""Evaluation results: the per-image SR seed, merging rows gathered from ranks, latency statistics, tables
+in the paper's format (Markdown, CSV, terminal), per-image CSV, metadata and the fidelity-realism plot. No
+Lightning, no models: apart from :func:`sr_generator`, everything here takes plain Python values.
 
 Row dictionaries used throughout:
 
@@ -18,35 +18,56 @@ import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
+import torch
 
-T = TypeVar("T")
+from invsr_pl.utils.seeding import stable_seed
 
-#: Decimal places per metric as the official log prints them (USERS_AND_PEERS §4.1): PSNR, FID 2; others 4.
+#: Decimal places per metric as the official log prints them (docs/evaluation.md): PSNR, FID 2; others 4.
 DECIMALS = {"psnr": 2, "fid": 2}
 DEFAULT_DECIMALS = 4
 #: Fidelity (x) and realism (y) preference for the study plot; the first available of each is used.
 FIDELITY_KEYS = ("psnr", "lpips_vgg", "lpips_alex", "dists", "ssim")
 REALISM_KEYS = ("clipiqa", "musiq", "maniqa", "niqe", "pi")
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------------------------------ seeding
+def sr_generator(seed: int, names: Sequence[str], device: torch.device | str) -> torch.Generator:
+    """The generator of one SR call on the images ``names`` (one batch): fresh for every method and seeded
+    from (seed, names) only, so a result depends neither on the batch index, the rank, the number of GPUs nor
+    on which other methods ran before; validation and evaluation seed alike (docs/evaluation.md)."""
+    return torch.Generator(device=device).manual_seed(stable_seed(seed, "sr", *names))
 
 
 # ------------------------------------------------------------------------------------------------ multi-GPU
-def shard(items: Sequence[T], rank: int, world_size: int) -> list[T]:
-    """The items rank ``rank`` of ``world_size`` evaluates: ``items[rank::world_size]`` (strided, so the
-    ranks' loads differ by at most one image and every item is taken exactly once)."""
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"bad rank/world_size: {rank}/{world_size}")
-    return list(items[rank::world_size])
+def batch_positions(loader: Any, batch_idx: int, size: int) -> tuple[list[int], list[bool]]:
+    """Dataset indices of the ``size`` items of batch ``batch_idx`` of ``loader`` on this rank, and whether
+    each one counts.
+
+    Under DDP, Lightning gives evaluation loaders a ``DistributedSampler`` (no shuffle) that pads the last
+    round by repeating the first images so every rank gets as many: item ``j`` of rank ``r`` is global
+    position ``r + j * world``, and positions ``>= len(dataset)`` are those repeats, which must not be scored
+    twice. Any other sampler yields each image once.
+    """
+    sampler, start = loader.sampler, batch_idx * (loader.batch_size or 1)
+    local = range(start, start + size)
+    if isinstance(sampler, torch.utils.data.DistributedSampler) and not sampler.shuffle:
+        total = len(loader.dataset)
+        positions = [sampler.rank + j * sampler.num_replicas for j in local]
+        return [p % total for p in positions], [p < total for p in positions]
+    if isinstance(sampler, torch.utils.data.SequentialSampler):
+        return list(local), [True] * size
+    order = list(iter(sampler))
+    return [order[j] for j in local], [True] * size
 
 
 def merge_gathered(per_rank: Iterable[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
     """Merge the per-image rows gathered from every rank (``all_gather_object``) back into dataset order.
 
-    Rows are ordered by their position in the run (``order``, benchmark then study row) and by ``index``.
-    Raises ``ValueError`` if two ranks report the same image of the same row (a sharding bug).
+    Rows are ordered by their position in the run (``order``: benchmark, then method) and by ``index`` (the
+    dataset index). Raises ``ValueError`` if two ranks report the same image of the same method.
     """
     rows = [dict(r) for part in per_rank for r in part]
     keys = [(r["benchmark"], r["method"], r["index"]) for r in rows]
@@ -77,7 +98,7 @@ def latency_summary(seconds: Sequence[float], wall_seconds: float | None = None)
 
 # ------------------------------------------------------------------------------------------------ checks
 def check_pair(sr_name: str, sr_shape: Sequence[int], gt_name: str, gt_shape: Sequence[int]) -> None:
-    """Refuse mismatched SR/GT pairs, naming both files (the official script silently crops instead, §4.1)."""
+    """Refuse mismatched SR/GT pairs, naming both files (the official script silently crops instead)."""
     if Path(sr_name).stem != Path(gt_name).stem:
         raise ValueError(f"SR/GT name mismatch: SR {sr_name!r} is paired with GT {gt_name!r}")
     if tuple(sr_shape) != tuple(gt_shape):
@@ -151,7 +172,7 @@ def per_image_csv(rows: Sequence[Mapping[str, Any]], metric_keys: Sequence[str])
     writer.writerow(["benchmark", "method", "timesteps", "index", "name", "seconds", *metric_keys])
     for r in rows:
         writer.writerow(
-            [r["benchmark"], r["method"], ",".join(map(str, r["timesteps"])), r["index"], r["name"],
+            [r["benchmark"], r["method"], ",".join(map(str, r["timesteps"] or ())), r["index"], r["name"],
              r["seconds"], *("" if r.get(k) is None else r[k] for k in metric_keys)]
         )  # fmt: skip
     return buf.getvalue()
@@ -273,9 +294,3 @@ def report_header(metadata: Mapping[str, Any]) -> str:
     """Provenance lines put above the Markdown table."""
     keys = ("protocol", "checkpoint", "seed", "config_name")
     return "".join(f"- {k}: {metadata.get(k)}\n" for k in keys if k in metadata) + "\n"
-
-
-def is_png(path: str | Path) -> bool:
-    """True if the file starts with the PNG signature."""
-    with open(path, "rb") as f:
-        return f.read(8) == PNG_SIGNATURE

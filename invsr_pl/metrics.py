@@ -1,35 +1,35 @@
-"""Image-quality metrics for evaluation: protocol specs, offline weight checks and torchmetrics adapters.
+"""Image-quality metrics: protocols, the one metric factory, 8-bit scoring, and the torchmetrics adapter.
 
 A *protocol* (``conf/protocol/*.yaml``) says exactly which implementation and settings each metric column
-uses, because "LPIPS", "MANIQA" and "FID" mean different models across papers (USERS_AND_PEERS §4.5). Every
-per-image metric is wrapped in :class:`ImageQualityMetric`, a torchmetrics ``Metric`` with ``sum`` +
-``count`` states, so one instance per benchmark reduces correctly across ranks (ARCHITECTURE C4 rule 8). FID
-is a folder-level score and is computed once per benchmark by :func:`compute_fid`.
+uses, because "LPIPS", "MANIQA" and "FID" mean different models across papers (docs/evaluation.md).
+:func:`build_metric_set` is the one factory: it turns (protocol, column names) into scorers plus the reasons
+any column is unavailable (weight files: :mod:`invsr_pl.metric_weights`). Validation during training
+(``InvSRLitModule``) and evaluation (``InvSREvaluation``) both score through it and :func:`score_images`,
+so a validation number and a table number for the same weights and images are the same number.
 
-Weights: nothing is downloaded unless downloads are allowed (``allow_download=True`` and ``HF_HUB_OFFLINE``
-unset). Before a pyiqa/lpips model is constructed, :func:`required_weights` lists the files it would fetch
-(resolved the way pyiqa 0.1.16 does: ``pyiqa.utils.download_util.load_file_from_url`` saves
-``basename(url)`` under ``DEFAULT_CACHE_DIR = torch.hub.get_dir()/pyiqa``; torchvision backbones go to
-``torch.hub.get_dir()/checkpoints``; CLIP to ``torch.hub.get_dir()/clip``; timm backbones to the Hugging
-Face cache). A missing file makes the metric *unavailable* with a message naming the file, its URL and the
-folder to put it in; the other metrics still run. Construction additionally runs under :func:`no_downloads`,
-which turns any download attempt pyiqa makes into an error, so an unlisted file can never be fetched
-silently.
+Every per-image metric is wrapped in :class:`ImageQualityMetric`, a torchmetrics ``Metric`` with ``sum`` +
+``count`` states, so one instance per (image set, method) reduces correctly across ranks. FID is a
+folder-level score and is computed once per set by :func:`compute_fid`.
+
+Colour: PSNR/SSIM on Y use pyiqa's BT.601 transform (``color_space: ycbcr``, MATLAB ``rgb2ycbcr``); no
+other colour transform is applied on the metric path.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import Tensor, nn
 from torchmetrics import Metric
+
+from invsr_pl import metric_weights as W
 
 #: Column order of the tables (the paper's Table order: fidelity first, then perceptual, then no-reference).
 METRIC_ORDER = (
@@ -47,33 +47,14 @@ METRIC_ORDER = (
 )
 
 #: PSNR of an identical pair. pyiqa computes 10*log10(1 / (mse + 1e-8)), so mse = 0 gives exactly 80 dB; the
-#: official script inherits this cap (USERS_AND_PEERS §4.1) and we keep it, so identical pairs stay finite and
-#: are included in means. Tests assert it.
+#: official script inherits this cap and we keep it, so identical pairs stay finite and are included in
+#: means (docs/evaluation.md). Tests assert it.
 PSNR_IDENTICAL_DB = 80.0
 
-
-class WeightsUnavailableError(RuntimeError):
-    """A metric needs a weight file that is not on disk and downloads are not allowed."""
-
-
-@dataclass(frozen=True)
-class WeightFile:
-    """One file a metric needs: ``folder/filename``, fetched from ``url`` (or a Hugging Face repo)."""
-
-    filename: str
-    folder: str
-    url: str
-    hint: str = ""
-
-    @property
-    def path(self) -> Path:
-        return Path(self.folder) / self.filename
-
-    def exists(self) -> bool:
-        return self.path.is_file()
-
-    def instructions(self) -> str:
-        return self.hint or f"fetch {self.url} and save it as {self.path}"
+#: The protocol files (``conf/protocol/<name>.yaml``).
+PROTOCOL_DIR = Path(__file__).resolve().parents[1] / "conf" / "protocol"
+#: The protocol validation during training scores with (the paper's own, so curves match its tables).
+VALIDATION_PROTOCOL = "invsr"
 
 
 @dataclass(frozen=True)
@@ -139,145 +120,19 @@ class Protocol:
         return f"Protocol({self.name!r}: {', '.join(s.header for s in self.specs.values())})"
 
 
-# ----------------------------------------------------------------------------------------------- weight files
-def weights_root(weights_dir: str | None = None) -> Path:
-    """Root pyiqa/torchvision/CLIP resolve weights under: ``weights_dir``, else ``torch.hub.get_dir()``."""
-    return Path(weights_dir).expanduser() if weights_dir else Path(torch.hub.get_dir())
-
-
-def downloads_allowed(allow_download: bool) -> bool:
-    """True only when the config allows it *and* the environment is not offline (``HF_HUB_OFFLINE=1``)."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    return bool(allow_download) and not offline
-
-
-def _pyiqa_file(root: Path, url: str) -> WeightFile:
-    # pyiqa.utils.download_util.load_file_from_url: model_dir or DEFAULT_CACHE_DIR / basename(url path).
-    return WeightFile(url.split("?")[0].rsplit("/", 1)[-1], str(root / "pyiqa"), url)
-
-
-def _torchvision_file(root: Path, weights: Any) -> WeightFile:
-    # torch.hub.load_state_dict_from_url saves to <hub dir>/checkpoints/<basename(url)>.
-    return WeightFile(weights.url.rsplit("/", 1)[-1], str(root / "checkpoints"), weights.url)
-
-
-def _hf_file(repo_id: str, filename: str) -> WeightFile:
-    from huggingface_hub import constants, try_to_load_from_cache
-
-    cached = try_to_load_from_cache(repo_id, filename)
-    # Present: the snapshot folder holding it. Absent: the repo's folder in the hub cache (snapshot layout).
-    folder = str(Path(cached).parent) if isinstance(cached, str) else f"{constants.HF_HUB_CACHE}/<{repo_id}>"
-    hint = (
-        f"fetch {filename} of the HF repo {repo_id} into {constants.HF_HUB_CACHE} (`hf download {repo_id}`)"
-    )
-    return WeightFile(filename, folder, f"https://huggingface.co/{repo_id}/resolve/main/{filename}", hint)
-
-
-def required_weights(spec: MetricSpec, root: Path) -> list[WeightFile]:
-    """Files constructing ``spec`` would load, resolved as pyiqa 0.1.16 / lpips 0.1.4 resolve them.
-
-    Args:
-        spec: the metric.
-        root: :func:`weights_root`.
-
-    Returns:
-        The list of files (empty for PSNR/SSIM, which need none).
-    """
-    import torchvision.models as tvm
-
-    vgg, alex = (
-        _torchvision_file(root, tvm.VGG16_Weights.IMAGENET1K_V1),
-        _torchvision_file(root, tvm.AlexNet_Weights.IMAGENET1K_V1),
-    )
-    if spec.backend == "lpips":
-        # The lpips package ships its linear heads (lpips/weights/v0.1/*.pth); only the torchvision trunk
-        # is fetched.
-        return [{"vgg": vgg, "alex": alex}[spec.name]]
-    if spec.backend == "fid":
-        from pyiqa.archs import inception
-
-        return [_pyiqa_file(root, inception.FID_WEIGHTS_URL)]
-    name = spec.name
-    if name in ("psnr", "psnry", "ssim", "ssimc"):
-        return []
-    if name in ("niqe", "pi"):
-        from pyiqa.archs import niqe_arch, nrqm_arch
-
-        files = [_pyiqa_file(root, niqe_arch.default_model_urls["url"])]
-        return files + ([_pyiqa_file(root, nrqm_arch.default_model_urls["url"])] if name == "pi" else [])
-    if name in ("lpips", "lpips-vgg"):
-        from pyiqa.archs import lpips_arch
-
-        net = "vgg" if name == "lpips-vgg" else "alex"
-        return [
-            _pyiqa_file(root, lpips_arch.default_model_urls[f"0.1_{net}"]),
-            {"vgg": vgg, "alex": alex}[net],
-        ]
-    if name == "dists":
-        from pyiqa.archs import dists_arch
-
-        return [_pyiqa_file(root, dists_arch.default_model_urls["url"]), vgg]
-    if name == "clipiqa":
-        from pyiqa.archs import clip_model
-
-        url = clip_model._MODELS["RN50"]  # CLIPIQA's default backbone; pyiqa saves CLIP under <hub dir>/clip
-        return [WeightFile(url.rsplit("/", 1)[-1], str(root / "clip"), url)]
-    if name == "musiq":
-        from pyiqa.archs import musiq_arch
-
-        return [_pyiqa_file(root, musiq_arch.default_model_urls[spec.options.get("pretrained", "koniq10k")])]
-    if name.startswith("maniqa"):
-        from pyiqa.archs import maniqa_arch
-
-        dataset = {"maniqa": "koniq", "maniqa-pipal": "pipal", "maniqa-kadid": "kadid"}[name]
-        # MANIQA builds timm's vit_base_patch8_224 with pretrained=True before loading its own checkpoint.
-        vit = _hf_file("timm/vit_base_patch8_224.augreg2_in21k_ft_in1k", "model.safetensors")
-        return [_pyiqa_file(root, maniqa_arch.default_model_urls[dataset]), vit]
-    raise ValueError(f"no weight list for pyiqa metric {name!r}; add it to required_weights")
-
-
-@contextlib.contextmanager
-def no_downloads() -> Iterator[None]:
-    """Turn every download path pyiqa/torchvision/CLIP/HF use into :class:`WeightsUnavailableError`."""
-    import pyiqa.utils.download_util as du
-    import torch.hub as hub
-    from pyiqa.archs import clip_model
-
-    def refuse(url: str, *args: Any, **kwargs: Any) -> None:
-        raise WeightsUnavailableError(f"download of {url} refused (downloads are disabled)")
-
-    saved = (du.download_url_to_file, hub.download_url_to_file, clip_model._download)
-    saved_env = os.environ.get("HF_HUB_OFFLINE")
-    du.download_url_to_file = hub.download_url_to_file = clip_model._download = refuse
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        yield
-    finally:
-        du.download_url_to_file, hub.download_url_to_file, clip_model._download = saved
-        if saved_env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = saved_env
-
-
-@contextlib.contextmanager
-def _weights_root_override(root: Path) -> Iterator[None]:
-    """Point torch.hub and pyiqa at ``root`` while a metric is constructed (a configured weights folder)."""
-    import pyiqa.utils.download_util as du
-
-    saved_hub, saved_pyiqa = torch.hub.get_dir(), du.DEFAULT_CACHE_DIR
-    torch.hub.set_dir(str(root))
-    du.DEFAULT_CACHE_DIR = str(root / "pyiqa")  # read at call time by load_file_from_url
-    try:
-        yield
-    finally:
-        torch.hub.set_dir(saved_hub)
-        du.DEFAULT_CACHE_DIR = saved_pyiqa
+def load_protocol(name: str, directory: str | Path = PROTOCOL_DIR) -> Protocol:
+    """The protocol ``<directory>/<name>.yaml`` (the file Hydra composes for ``protocol=<name>``)."""
+    path = Path(directory) / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in Path(directory).glob("*.yaml"))
+        raise FileNotFoundError(f"no protocol {name!r} ({path}); known: {known}")
+    cfg = {k: v for k, v in yaml.safe_load(path.read_text()).items() if not k.startswith("_")}
+    return Protocol(**cfg)
 
 
 # ----------------------------------------------------------------------------------------------- scorers
 class LpipsScorer(nn.Module):
-    """The ``lpips`` package's LPIPS (v0.1 heads) as the official script uses it (USERS_AND_PEERS §4.1).
+    """The ``lpips`` package's LPIPS (v0.1 heads) as the official script uses it (docs/evaluation.md).
 
     ``forward(sr, gt)``: (B,3,H,W) float in [0,1] each -> (B,) float32 distances (lower is better).
 
@@ -307,7 +162,8 @@ class PyiqaScorer(nn.Module):
         import pyiqa
 
         self.full_reference = full_reference
-        self.model = pyiqa.create_metric(name, device=device, **options)
+        # frozen: it moves with its LightningModule, and DDP must not wait for gradients of a metric
+        self.model = pyiqa.create_metric(name, device=device, **options).requires_grad_(False)
 
     def forward(self, sr: Tensor, gt: Tensor | None = None) -> Tensor:
         out = self.model(sr, gt) if self.full_reference else self.model(sr)
@@ -327,14 +183,14 @@ def build_scorer(
             fetch and where to put it.
     """
     device = torch.device(device)
-    root = weights_root(weights_dir)
-    allowed = downloads_allowed(allow_download)
+    root = W.weights_root(weights_dir)
+    allowed = W.downloads_allowed(allow_download)
     if not allowed:
-        missing = [f for f in required_weights(spec, root) if not f.exists()]
+        missing = [f for f in W.required_weights(spec, root) if not f.exists()]
         if missing:
-            raise WeightsUnavailableError("; ".join(f.instructions() for f in missing))
-    guard = contextlib.nullcontext() if allowed else no_downloads()
-    root_ctx = _weights_root_override(root) if weights_dir else contextlib.nullcontext()
+            raise W.WeightsUnavailableError("; ".join(f.instructions() for f in missing))
+    guard = contextlib.nullcontext() if allowed else W.no_downloads()
+    root_ctx = W.weights_root_override(root) if weights_dir else contextlib.nullcontext()
     with guard, root_ctx:
         if spec.backend == "lpips":
             return LpipsScorer(spec.name).to(device)
@@ -354,7 +210,7 @@ def build_scorers(
     for key, spec in specs.items():
         try:
             scorers[key] = build_scorer(spec, device, weights_dir, allow_download)
-        except WeightsUnavailableError as err:
+        except W.WeightsUnavailableError as err:
             unavailable[key] = f"weights unavailable: {err}"
         except Exception as err:  # a broken optional metric must not abort the run; say why instead
             unavailable[key] = f"construction failed: {type(err).__name__}: {err}"
@@ -365,7 +221,7 @@ def build_scorers(
 class ImageQualityMetric(Metric):
     """Per-image mean of a scorer, as a torchmetrics ``Metric`` (sum + count states, summed across ranks).
 
-    The official scripts report ``sum(per-image score) / N`` (USERS_AND_PEERS §4.1, §4.2); this is the same.
+    The official scripts report ``sum(per-image score) / N`` (docs/evaluation.md); this is the same.
 
     Args:
         scorer: module mapping ``(sr, gt)`` (full-reference) or ``(sr,)`` to (B,) scores.
@@ -407,20 +263,101 @@ class ImageQualityMetric(Metric):
         return self.total / self.count
 
 
-def make_metrics(
-    scorers: Mapping[str, nn.Module], specs: Mapping[str, MetricSpec], paired: bool
-) -> dict[str, ImageQualityMetric]:
-    """Fresh per-benchmark metric instances sharing the (heavy) scorers; FID and, when not ``paired``, the
-    full-reference metrics are left out."""
-    return {
-        key: ImageQualityMetric(scorers[key], specs[key].full_reference, specs[key].higher_better)
-        for key in scorers
-        if specs[key].backend != "fid" and (paired or not specs[key].full_reference)
-    }
+# ------------------------------------------------------------------------------------------ the one factory
+@dataclass
+class MetricSet:
+    """The scorers of one protocol, built once and shared by every image set and method.
+
+    Attributes:
+        protocol: the protocol they come from.
+        specs: available column key -> spec, in table order.
+        scorers: available column key -> scorer module (on CPU until moved with its LightningModule).
+        unavailable: requested column key -> reason it is not computed (not in the protocol, weights missing,
+            construction failed).
+    """
+
+    protocol: Protocol
+    specs: dict[str, MetricSpec]
+    scorers: dict[str, nn.Module]
+    unavailable: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Column key -> table header (``"PSNR↑"``) of every available column, FID included."""
+        return {k: s.header for k, s in self.specs.items()}
+
+    def metrics(self, paired: bool) -> nn.ModuleDict:
+        """Fresh per-image metrics (one per column, FID excluded) for one image set and method; without GT
+        (``paired=False``) the full-reference columns are left out."""
+        return nn.ModuleDict(
+            {
+                key: ImageQualityMetric(self.scorers[key], spec.full_reference, spec.higher_better)
+                for key, spec in self.specs.items()
+                if spec.backend != "fid" and (paired or not spec.full_reference)
+            }
+        )
+
+
+def build_metric_set(
+    protocol: Protocol,
+    names: Sequence[str],
+    weights_dir: str | None = None,
+    allow_download: bool = False,
+) -> MetricSet:
+    """The one metric factory: scorers for the columns ``names`` of ``protocol`` (table order).
+
+    Never raises for a column it cannot build: the column goes to :attr:`MetricSet.unavailable` with the
+    reason (for missing weights: the file to fetch and the folder to put it in).
+    """
+    specs, unavailable = protocol.select(list(names))
+    scorers, missing = build_scorers(specs, "cpu", weights_dir, allow_download)
+    unavailable.update(missing)
+    return MetricSet(protocol, {k: s for k, s in specs.items() if k in scorers}, scorers, unavailable)
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def quantize_8bit(img: Tensor) -> Tensor:
+    """``img`` (any shape) float in [0, 1] -> the same values rounded to the 8-bit grid ``k / 255`` (clamped).
+
+    The paper's tables score 8-bit PNGs read back from disk, so every scored SR image (validation, evaluation,
+    the bicubic baseline) is rounded like this first (docs/evaluation.md).
+    """
+    return (img.float().clamp(0, 1) * 255).round() / 255
+
+
+def score_images(
+    metrics: Mapping[str, ImageQualityMetric], sr: Tensor, gt: Tensor | None
+) -> tuple[dict[str, list[float | None]], dict[str, str]]:
+    """Round ``sr`` to 8 bits and update every metric; the scoring path of validation *and* evaluation.
+
+    Args:
+        metrics: from :meth:`MetricSet.metrics`.
+        sr: (B, 3, H, W) float in [0, 1], the method's output.
+        gt: (B, 3, H, W) float in [0, 1] on the 8-bit grid (read from 8-bit files), or ``None`` (no GT).
+
+    Returns:
+        ``({key: [score per image]}, {key: error})``: a metric that raises (e.g. NIQE on an image too small)
+        gets ``None`` scores and its error message, is left out of its mean, and the others still run.
+
+    Raises:
+        ValueError: ``sr`` and ``gt`` differ in shape (wrong scale or a mismatched pair).
+    """
+    if gt is not None and sr.shape != gt.shape:
+        raise ValueError(f"SR shape {tuple(sr.shape)} != GT shape {tuple(gt.shape)} (wrong scale?)")
+    sr = quantize_8bit(sr)
+    scores: dict[str, list[float | None]] = {}
+    errors: dict[str, str] = {}
+    for key, metric in metrics.items():
+        try:
+            metric.update(sr, gt)
+            scores[key] = metric.last_scores.tolist()
+        except Exception as err:  # one broken metric must not stop the others; the error is reported
+            scores[key], errors[key] = [None] * sr.shape[0], f"{type(err).__name__}: {err}"
+    return scores, errors
 
 
 def compute_fid(scorer: nn.Module, sr_dir: str | Path, ref_dir: str | Path, mode: str) -> float:
     """FID between the image folders ``sr_dir`` and ``ref_dir`` with pyiqa (clean-fid ``mode``:
-    ``clean`` | ``legacy_pytorch`` | ``legacy_tensorflow``, USERS_AND_PEERS §4.1/§4.2)."""
+    ``clean`` | ``legacy_pytorch`` | ``legacy_tensorflow``, docs/evaluation.md)."""
     model = scorer.model if isinstance(scorer, PyiqaScorer) else scorer
     return float(model(str(sr_dir), str(ref_dir), mode=mode, verbose=False))

@@ -1,4 +1,4 @@
-"""evaluate(cfg) end to end: built-in samples, tiny backbone, random tiny noise predictor, CPU.
+"""evaluate(cfg) end to end: built-in samples, tiny backbone, random tiny noise predictor, CPU, trainer.test.
 
 Metric weights are looked up in an empty folder, so every weight-needing metric is reported unavailable and
 PSNR/SSIM (weight-free) are computed: the run must still finish and say what to fetch.
@@ -14,15 +14,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from invsr_pl import evaluation as E
+from invsr_pl import evaluation_module as EM
 
 ROOT = Path(__file__).resolve().parents[2]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _load_evaluate_module():
@@ -34,17 +37,24 @@ def _load_evaluate_module():
 
 ev = _load_evaluate_module()
 
+SMALL = [
+    "data.test_datasets.samples.num_images=2",
+    "data.test_datasets.samples.gt_size=64",  # LQ 16x16 -> SR 64x64
+    "data.test_datasets.samples.lq_mode=bicubic",
+    "sampler.chopping_size=null",  # whole image in one pass (no padding up to 128)
+    "warmup=0",
+    "trainer=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
 
 def make_cfg(tmp_path: Path, *overrides: str) -> DictConfig:
     base = [
         f"paths.root_dir={tmp_path}",
         f"paths.output_dir={tmp_path / 'out'}",
         f"metrics.weights_dir={tmp_path / 'no_weights'}",  # empty: weight-needing metrics are unavailable
-        "benchmark.samples.dataset.num_images=2",
-        "benchmark.samples.dataset.gt_size=64",  # LQ 16x16 -> SR 64x64
-        "benchmark.samples.dataset.lq_mode=bicubic",
-        "sampler.chopping_size=null",  # whole image in one pass (no padding up to 128)
-        "warmup=0",
+        *SMALL,
     ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("evaluate", overrides=[*base, *overrides], return_hydra_config=True)
@@ -54,7 +64,6 @@ def make_cfg(tmp_path: Path, *overrides: str) -> DictConfig:
     return cfg
 
 
-@pytest.mark.slow  # ~20 s on a shared 2-core CPU
 def test_evaluate_samples_tiny_study(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path)
     with open_dict(cfg):  # a two-row study: one 1-step and one 3-step timestep set (Table-1 style labels)
@@ -63,148 +72,125 @@ def test_evaluate_samples_tiny_study(tmp_path: Path) -> None:
             {"label": "{250,150,50}", "timesteps": [250, 150, 50]},
         ]
     metrics, objects = ev.evaluate(cfg)
+    results = objects["model"].results
 
-    summary = objects["summary"]
+    summary = results["summary"]
     assert [(r["benchmark"], r["method"]) for r in summary] == [
+        ("samples", "Bicubic"),
         ("samples", "{200}"),
         ("samples", "{250,150,50}"),
     ]
-    assert summary[1]["timesteps"] == [250, 150, 50]
-    assert list(objects["headers"]) == ["psnr", "ssim"]
-    assert objects["headers"]["psnr"] == "PSNR↑"
+    assert summary[0]["timesteps"] is None and summary[2]["timesteps"] == [250, 150, 50]
+    assert list(results["headers"]) == ["psnr", "ssim"]
+    assert results["headers"]["psnr"] == "PSNR↑"
     for r in summary:
         assert r["num_images"] == 2
         assert 0 < r["psnr"] <= 80 and -1 <= r["ssim"] <= 1
         assert r["latency_mean_s"] > 0 and r["latency_p95_s"] >= r["latency_mean_s"] * 0.5
         assert math.isfinite(r["images_per_s"]) and r["images_per_s"] > 0
-    assert set(metrics) == {f"samples/{m}/{k}" for m in ("{200}", "{250,150,50}") for k in ("psnr", "ssim")}
+    labels = ("Bicubic", "{200}", "{250,150,50}")
+    assert set(metrics) == {f"test/samples/{m}/{k}" for m in labels for k in ("psnr", "ssim")}
+    assert metrics["test/samples/{200}/psnr"] == pytest.approx(summary[1]["psnr"], rel=1e-6)
     # unavailable metrics are reported with the file to fetch, and did not abort the run
-    unavailable = objects["unavailable"]
+    unavailable = results["unavailable"]
     assert {"lpips_vgg", "lpips_alex", "niqe", "pi", "clipiqa", "musiq"} <= set(unavailable)
     assert str(tmp_path / "no_weights" / "pyiqa" / "niqe_modelparameters.mat") in unavailable["niqe"]
 
-    files = objects["files"]
+    files = results["files"]
     out = tmp_path / "out"
     assert {p.name for p in files.values()} == {
         "metrics.md", "metrics.csv", "per_image.csv", "report.txt", "metadata.json", "fidelity_realism.png"
     }  # fmt: skip
     md = (out / "metrics.md").read_text()
     assert "| Benchmark | Method | Timesteps | PSNR↑ | SSIM↑ | s/img↓ | p95 s/img↓ | img/s↑ |" in md
-    assert "| samples | {250,150,50} | 250,150,50 |" in md
+    assert "| samples | {250,150,50} | 250,150,50 |" in md and "| samples | Bicubic | — |" in md
     report = (out / "report.txt").read_text()
     assert report.startswith("Protocol: invsr") and "unavailable: clipiqa" in report
     per_image = list(csv.DictReader((out / "per_image.csv").open()))
-    assert len(per_image) == 4 and {r["name"] for r in per_image} == {"astronaut", "chelsea"}
-    mean_psnr = sum(float(r["psnr"]) for r in per_image[:2]) / 2
-    assert mean_psnr == pytest.approx(summary[0]["psnr"], rel=1e-6)  # table = per-image mean (§4.1)
+    assert len(per_image) == 6 and {r["name"] for r in per_image} == {"astronaut", "chelsea"}
+    assert [r["index"] for r in per_image[:2]] == ["0", "1"]
+    for i, row in enumerate(summary):  # table = per-image mean (docs/evaluation.md)
+        mean_psnr = sum(float(r["psnr"]) for r in per_image[2 * i : 2 * i + 2]) / 2
+        assert mean_psnr == pytest.approx(row["psnr"], rel=1e-9)
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["seed"] == 0 and meta["checkpoint"] is None and meta["protocol"] == "invsr"
+    assert meta["world_size"] == 1 and meta["test_sets"] == ["samples"]
     # fallback plot axes offline: PSNR vs SSIM, a real PNG
-    assert E.choose_plot_axes(objects["headers"]) == ("psnr", "ssim")
-    assert E.is_png(files["plot"]) and files["plot"].stat().st_size > 5_000
+    assert files["plot"].read_bytes()[:8] == PNG_SIGNATURE and files["plot"].stat().st_size > 5_000
 
 
 def test_evaluate_osediff_protocol_and_images(tmp_path: Path) -> None:
     cfg = make_cfg(
         tmp_path, "protocol=osediff", "metrics=fidelity", "output.save_images=true", "output.plot=false",
-        "benchmark.samples.dataset.num_images=1",
+        "data.test_datasets.samples.num_images=1", "model.bicubic=false",
     )  # fmt: skip
     _, objects = ev.evaluate(cfg)
-    assert objects["protocol"].name == "osediff"
+    results = objects["model"].results
+    assert results["protocol"].name == "osediff"
+    assert [r["method"] for r in results["summary"]] == ["InvSR-1"]
     assert (tmp_path / "out" / "report.txt").read_text().startswith("Protocol: osediff")
-    assert (tmp_path / "out" / "images" / "samples" / "InvSR-1" / "astronaut.png").is_file()
-    assert "plot" not in objects["files"]
-    assert objects["unavailable"] == {}
+    image = tmp_path / "out" / "images" / "samples" / "InvSR-1" / "astronaut.png"
+    assert image.read_bytes()[:8] == PNG_SIGNATURE
+    assert "plot" not in results["files"]
+    assert results["unavailable"] == {}
 
 
-def test_a_failing_metric_is_reported_not_fatal() -> None:
-    from invsr_pl.metrics import ImageQualityMetric
+def test_validation_psnr_equals_the_table_psnr(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Same weights, same images, same seed: InvSRLitModule's validation and evaluate's table agree exactly,
+    for the 1-step SR and for the bicubic baseline."""
+    from datamodules.samples import SamplePairs
+    from datamodules.sr_datamodule import SRDataModule
+    from invsr_pl.invsr_module import InvSRLitModule
+    from invsr_pl.models.tiny import tiny_noise_predictor
 
-    def broken(sr):
-        raise RuntimeError("image too small")
+    cfg = make_cfg(tmp_path, "metrics=fidelity", "output.plot=false", "seed=7")
+    images = {"names": None, "num_images": 2, "gt_size": 64, "scale": 4, "lq_mode": "bicubic", "seed": 0}
+    backbone = instantiate(cfg.model.backbone)
+    torch.manual_seed(0)
+    noise_predictor = tiny_noise_predictor(scale=4)
+    module = InvSRLitModule(
+        backbone, noise_predictor, lpips=None, lpips_weight=0.0, seed=7, val_num_steps=[1], chopping_size=64,
+        val_lpips=False,
+    )  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    data = SRDataModule(val_dataset=SamplePairs(**images), num_workers=0, pin_memory=False)
+    validation = trainer.validate(module, datamodule=data, verbose=False)[0]
 
-    metrics = {"niqe": ImageQualityMetric(broken, full_reference=False, higher_better=False)}
-    dataset = [{"lq": torch.rand(3, 8, 8), "name": "tiny"}]
+    with open_dict(cfg):  # the same images as a test set, the same sampler settings and seed
+        cfg.data.test_datasets = {"samples": {"_target_": "datamodules.samples.SamplePairs", **images}}
+        cfg.sampler.chopping_size = 64
+    model = instantiate(cfg.model, _convert_="all", noise_predictor=noise_predictor)
+    assert model.noise_predictor is noise_predictor
+    test_trainer = instantiate(cfg.trainer, callbacks=[], logger=False)
+    test_trainer.test(model, datamodule=instantiate(cfg.data, _convert_="all"), verbose=False)
+    table = {r["method"]: r for r in model.results["summary"]}
 
-    def sampler(lq, timesteps, generator):
-        return torch.rand(1, 3, 32, 32)
-
-    rows = ev.run_row(sampler, dataset, [0], {"timesteps": [200]}, metrics, torch.device("cpu"), 0, None, 0)
-    assert rows[0]["niqe"] is None and "image too small" in rows[0]["errors"]["niqe"]
-
-
-def test_size_mismatch_is_an_error_naming_the_file() -> None:
-    dataset = [{"lq": torch.rand(3, 8, 8), "gt": torch.rand(3, 30, 32), "name": "bad_pair"}]
-
-    def sampler(lq, timesteps, generator):
-        return torch.rand(1, 3, 32, 32)
-
-    with pytest.raises(ValueError, match="bad_pair.png"):
-        ev.run_row(sampler, dataset, [0], {"timesteps": [200]}, {}, torch.device("cpu"), 0, None, 0)
+    for val_key, method in (("val/psnr_1step", "InvSR-1"), ("val/psnr_bicubic", "Bicubic")):
+        logged, tabled = validation[val_key], table[method]["psnr"]
+        with capsys.disabled():
+            print(f"\n{val_key} = {logged!r}   table {method} PSNR = {tabled!r}")
+        assert logged == tabled
+    assert validation["val/ssim_1step"] == table["InvSR-1"]["ssim"]
+    assert table["Bicubic"]["psnr"] != table["InvSR-1"]["psnr"]
 
 
-def test_load_noise_predictor_sources(tmp_path: Path) -> None:
-    from hydra.utils import instantiate
-
-    cfg = make_cfg(tmp_path)
-    reference = instantiate(cfg.model.noise_predictor)
+def test_ckpt_path_loads_the_ema_weights(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, "metrics=fidelity")
+    reference = instantiate(cfg.model.noise_predictor)()
     ema = {k: v + 1 for k, v in reference.state_dict().items()}
-    # exported folder (NoisePredictor.save_pretrained)
-    reference.save_pretrained(tmp_path / "export")
-    with open_dict(cfg):
-        cfg.ckpt_path = str(tmp_path / "export")
-    model, note = ev.load_noise_predictor(cfg)
-    assert "exported folder" in note and _same(model.state_dict(), reference.state_dict())
-    # Lightning checkpoint: EMA by default, module weights with use_ema=false
     ckpt = {
-        "state_dict": {f"noise_predictor.{k}": v for k, v in reference.state_dict().items()}
-        | {"discriminator.w": torch.zeros(1)},
+        "state_dict": {f"noise_predictor.{k}": v for k, v in reference.state_dict().items()},
         "ema_noise_predictor": ema,
+        "noise_predictor_config": dict(reference.config),
     }
     torch.save(ckpt, tmp_path / "last.ckpt")
     with open_dict(cfg):
         cfg.ckpt_path = str(tmp_path / "last.ckpt")
-    model, note = ev.load_noise_predictor(cfg)
-    assert note.startswith("EMA") and _same(model.state_dict(), ema)
-    with open_dict(cfg):
-        cfg.use_ema = False
-    model, note = ev.load_noise_predictor(cfg)
-    assert note.startswith("module") and _same(model.state_dict(), reference.state_dict())
-    # no EMA in the checkpoint: falls back to the module weights; the recorded ctor config wins over the YAML
-    del ckpt["ema_noise_predictor"]
-    ckpt["noise_predictor_config"] = dict(reference.config)
-    torch.save(ckpt, tmp_path / "no_ema.ckpt")
-    with open_dict(cfg):
-        cfg.use_ema = True
-        cfg.ckpt_path = str(tmp_path / "no_ema.ckpt")
-        cfg.model.noise_predictor.temb_channels = 1  # would fail if used
-    model, note = ev.load_noise_predictor(cfg)
-    assert "no EMA" in note and _same(model.state_dict(), reference.state_dict())
-
-
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-@pytest.mark.slow  # two CPU processes (gloo) under torchrun, ~1 min on a shared 2-core CPU
-def test_torchrun_two_ranks_gather_one_table(tmp_path: Path) -> None:
-    out = tmp_path / "out"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-        str(ROOT / "evaluate.py"), "benchmark.samples.dataset.num_images=3",
-        "benchmark.samples.dataset.gt_size=64", "benchmark.samples.dataset.lq_mode=bicubic",
-        "sampler.chopping_size=null", "warmup=0", "metrics=fidelity",
-        "output.plot=false", "device=cpu", f"paths.root_dir={tmp_path}", f"hydra.run.dir={out}",
-    ]  # fmt: skip
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    per_image = list(csv.DictReader((out / "per_image.csv").open()))
-    assert [r["index"] for r in per_image] == ["0", "1", "2"]  # rank 0 took 0 and 2, rank 1 took 1
-    table = list(csv.DictReader((out / "metrics.csv").open()))
-    assert len(table) == 1
-    mean = sum(float(r["psnr"]) for r in per_image) / 3
-    assert float(table[0]["PSNR↑"]) == pytest.approx(mean, rel=1e-6)  # reduced across both ranks
-    assert json.loads((out / "metadata.json").read_text())["world_size"] == 2
+    model = instantiate(cfg.model, _convert_="all")
+    loaded = model.noise_predictor.state_dict()
+    assert model.weights_note.startswith("EMA") and all(torch.equal(loaded[k], ema[k]) for k in ema)
 
 
 def test_fid_modes_follow_the_protocol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -213,31 +199,60 @@ def test_fid_modes_follow_the_protocol(tmp_path: Path, monkeypatch: pytest.Monke
 
     calls = []
     monkeypatch.setattr(
-        ev.M, "compute_fid", lambda scorer, sr, ref, mode: calls.append((str(ref), mode)) or 1.0
+        EM.M, "compute_fid", lambda scorer, sr, ref, mode: calls.append((str(ref), mode)) or 1.0
     )
     spec = {"label": "FID", "backend": "fid", "name": "fid", "higher_better": False, "full_reference": True}
-    invsr = Protocol(
+    fid = Protocol(
         "invsr", "", {"fid": {**spec, "options": {"mode": "clean", "mode_no_reference": "legacy_pytorch"}}}
-    )
+    ).specs["fid"]
     lq_only = [{"lq": torch.rand(3, 4, 4), "name": "a"}]
     paired = [{"lq": torch.rand(3, 4, 4), "gt": torch.rand(3, 16, 16), "name": "a"}]
+    sr_dir, gt_dir = tmp_path / "sr", tmp_path / "_gt"
     unavailable: dict = {}
-    fid_spec = invsr.specs["fid"]
-    assert ev._fid(None, fid_spec, {}, lq_only, tmp_path / "sr", tmp_path, "realset80", unavailable) is None
-    assert "realset80" in next(iter(unavailable))
-    ev._fid(None, fid_spec, {"fid_reference_dir": "/hr"}, lq_only, tmp_path / "sr", tmp_path, "realset80", {})
-    ev._fid(None, fid_spec, {}, paired, tmp_path / "sr", tmp_path, "samples", {})
-    assert calls == [("/hr", "legacy_pytorch"), (str(tmp_path / "images" / "samples" / "_gt"), "clean")]
-    assert (tmp_path / "images" / "samples" / "_gt" / "a.png").is_file()  # synthesised GT written once
+    assert EM.fid_score(None, fid, lq_only, sr_dir, gt_dir, None, "fid (realset80)", unavailable) is None
+    assert "fid (realset80)" in unavailable
+    EM.fid_score(None, fid, lq_only, sr_dir, gt_dir, "/hr", "fid (realset80)", {})
+    EM.fid_score(None, fid, paired, sr_dir, gt_dir, None, "fid (samples)", {})
+    assert calls == [("/hr", "legacy_pytorch"), (str(gt_dir), "clean")]
+    assert (gt_dir / "a.png").is_file()  # synthesised GT written once
 
 
 def test_table1_study_composes_to_the_paper_rows(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path, "study=table1")
-    rows = ev._study_rows(cfg)
+    rows = EM.study_methods(make_cfg(tmp_path, "study=table1").study.rows)
     assert [r["timesteps"] for r in rows] == [
         [250, 200, 150, 100, 50], [250, 150, 50], [200, 100, 50], [150, 100, 50], [250], [200], [150], [100]
     ]  # fmt: skip
     assert rows[1]["label"] == "{250,150,50}"
-    steps = ev._study_rows(make_cfg(tmp_path, "study=steps"))
+    steps = EM.study_methods(make_cfg(tmp_path, "study=steps").study.rows)
     assert [r["label"] for r in steps] == [f"InvSR-{n}" for n in range(1, 6)]
-    assert steps[4]["timesteps"] == [250, 200, 150, 100, 50]  # INVSR_REFERENCE §5.1
+    assert steps[4]["timesteps"] == [250, 200, 150, 100, 50]  # docs/conventions.md
+    with pytest.raises(ValueError, match="unique"):
+        EM.study_methods([{"num_steps": 1}, {"timesteps": [200]}])  # both are "InvSR-1"
+
+
+def test_benchmarks_are_test_sets_of_the_data_module(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, "benchmark=[samples,realset80]")
+    assert list(cfg.data.test_datasets) == ["samples", "realset80"]
+    assert cfg.model.benchmarks.realset80.fid_reference_dir is None
+    assert cfg.data.test_datasets.realset80.gt_dir is None
+
+
+@pytest.mark.slow  # two CPU processes (gloo) under torchrun, ~1 min on a shared 2-core CPU
+def test_torchrun_two_ranks_gather_one_table(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+        str(ROOT / "evaluate.py"), *SMALL, "data.test_datasets.samples.num_images=3", "metrics=fidelity",
+        "model.bicubic=false", "output.plot=false", "torch_threads=1", f"paths.root_dir={tmp_path}",
+        f"hydra.run.dir={out}",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    per_image = list(csv.DictReader((out / "per_image.csv").open()))
+    # rank 0 took images 0 and 2, rank 1 took 1 and the padding repeat of 0, which is not scored twice
+    assert [r["index"] for r in per_image] == ["0", "1", "2"]
+    table = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(table) == 1
+    mean = sum(float(r["psnr"]) for r in per_image) / 3
+    assert float(table[0]["PSNR↑"]) == pytest.approx(mean, rel=1e-9)  # reduced across both ranks
+    assert json.loads((out / "metadata.json").read_text())["world_size"] == 2

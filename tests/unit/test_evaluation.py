@@ -1,4 +1,4 @@
-"""Pure evaluation helpers: sharding/merging, latency, pair checks, tables, plot (no Lightning, no Hydra)."""
+"""Evaluation helpers: SR seeds, DDP positions/merging, latency, pair checks, tables, plot (no Lightning)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,12 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
 
 from invsr_pl import evaluation as E
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 HEADERS = {"psnr": "PSNR↑", "lpips_vgg": "LPIPS-VGG↓", "clipiqa": "CLIPIQA↑"}
 
@@ -26,21 +30,35 @@ def summary_rows() -> list[dict]:
     ]  # fmt: skip
 
 
-def test_shard_then_merge_restores_order() -> None:
-    items = list(range(10))
-    shards = [E.shard(items, r, 3) for r in range(3)]
-    assert shards == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
-    assert sorted(sum(shards, [])) == items
+def test_batch_positions_skip_the_distributed_sampler_padding() -> None:
+    dataset = list(range(3))
+    # Lightning's evaluation sampler under DDP: 3 images on 2 ranks -> rank 1 gets [1, 0], the 0 is padding
+    loaders = [
+        DataLoader(dataset, batch_size=1, sampler=DistributedSampler(dataset, 2, rank, shuffle=False))
+        for rank in range(2)
+    ]
+    seen = [[E.batch_positions(loader, b, 1) for b in range(len(loader))] for loader in loaders]
+    assert seen == [[([0], [True]), ([2], [True])], [([1], [True]), ([0], [False])]]
+    batched = DataLoader(dataset, batch_size=2, sampler=DistributedSampler(dataset, 2, 1, shuffle=False))
+    assert E.batch_positions(batched, 0, 2) == ([1, 0], [True, False])
+    assert E.batch_positions(DataLoader(dataset, batch_size=2), 1, 1) == ([2], [True])  # one process
+
+
+def test_merge_restores_order_and_refuses_overlap() -> None:
     per_rank = [
-        [{"benchmark": "b", "method": "m", "order": 0, "index": i, "name": f"{i}"} for i in s] for s in shards
+        [{"benchmark": "b", "method": "m", "order": 0, "index": i, "name": f"{i}"} for i in s]
+        for s in ([0, 3, 6, 9], [1, 4, 7], [2, 5, 8])
     ]
     merged = E.merge_gathered(per_rank)
-    assert [r["index"] for r in merged] == items
+    assert [r["index"] for r in merged] == list(range(10))
     with pytest.raises(ValueError, match="overlap"):
         E.merge_gathered([per_rank[0], per_rank[0]])
-    with pytest.raises(ValueError):
-        E.shard(items, 3, 3)
-    assert E.shard(items, 0, 1) == items
+
+
+def test_sr_generator_depends_on_seed_and_names_only() -> None:
+    draw = lambda seed, names: torch.rand(3, generator=E.sr_generator(seed, names, "cpu"))  # noqa: E731
+    assert torch.equal(draw(0, ["a"]), draw(0, ["a"]))
+    assert not torch.equal(draw(0, ["a"]), draw(0, ["b"])) and not torch.equal(draw(0, ["a"]), draw(1, ["a"]))
 
 
 def test_latency_summary() -> None:
@@ -64,7 +82,7 @@ def test_check_pair_names_the_files() -> None:
 def test_format_value() -> None:
     assert E.format_value("psnr", 24.126) == "24.13"
     assert E.format_value("ssim", 0.123456) == "0.1235"
-    assert E.format_value("fid", 12.345) == "12.35"  # PSNR/FID 2 dp, others 4 dp (USERS_AND_PEERS §4.1)
+    assert E.format_value("fid", 12.345) == "12.35"  # PSNR/FID 2 dp, others 4 dp (docs/evaluation.md)
     assert E.format_value("psnr", math.inf) == "inf"
     assert E.format_value("psnr", None) == "—"
     assert E.format_value("psnr", math.nan) == "nan"
@@ -91,6 +109,8 @@ def test_per_image_csv_and_outputs(tmp_path: Path) -> None:
     per_image = [
         {"benchmark": "samples", "method": "InvSR-1", "timesteps": [200], "index": 0, "name": "astronaut",
          "seconds": 0.5, "psnr": 24.0, "lpips_vgg": None, "clipiqa": None},
+        {"benchmark": "samples", "method": "Bicubic", "timesteps": None, "index": 0, "name": "astronaut",
+         "seconds": 0.001, "psnr": 22.0, "lpips_vgg": None, "clipiqa": None},
     ]  # fmt: skip
     meta = {"protocol": "invsr", "checkpoint": "x.ckpt", "seed": 0}
     report = E.report_text(
@@ -106,6 +126,7 @@ def test_per_image_csv_and_outputs(tmp_path: Path) -> None:
     lines = files["per_image"].read_text().splitlines()
     assert lines[0] == "benchmark,method,timesteps,index,name,seconds,psnr,lpips_vgg,clipiqa"
     assert lines[1] == "samples,InvSR-1,200,0,astronaut,0.5,24.0,,"
+    assert lines[2] == "samples,Bicubic,,0,astronaut,0.001,22.0,,"  # the baseline has no timesteps
     assert json.loads(files["metadata"].read_text())["checkpoint"] == "x.ckpt"
 
 
@@ -128,6 +149,6 @@ def test_plot_is_a_real_png(tmp_path: Path) -> None:
     path = E.fidelity_realism_plot(
         rows, "psnr", "ssim", {"psnr": "PSNR↑", "ssim": "SSIM↑"}, tmp_path / "p.png"
     )
-    assert E.is_png(path) and path.stat().st_size > 5_000
+    assert path.read_bytes()[:8] == PNG_SIGNATURE and path.stat().st_size > 5_000
     img = mpimg.imread(path)
     assert img.shape[:2] == (480, 640) and img.std() > 0.01  # not a blank canvas

@@ -1,4 +1,4 @@
-"""Metric adapters, protocols and offline weight handling (no Lightning, no Hydra: YAML read with PyYAML)."""
+"""Metric factory, scoring, adapters, protocols and offline weight handling (no Lightning, no Hydra)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 
+from invsr_pl import metric_weights as W
 from invsr_pl import metrics as M
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "protocol"
@@ -19,6 +20,13 @@ def load_protocol(name: str) -> M.Protocol:
     cfg = yaml.safe_load((CONF / f"{name}.yaml").read_text())
     assert cfg.pop("_target_") == "invsr_pl.metrics.Protocol"
     return M.Protocol(**cfg)
+
+
+def test_load_protocol_reads_the_hydra_file() -> None:
+    assert repr(M.load_protocol("osediff")) == repr(load_protocol("osediff"))
+    assert M.load_protocol(M.VALIDATION_PROTOCOL).name == "invsr"
+    with pytest.raises(FileNotFoundError, match="known: \\['invsr', 'osediff'\\]"):
+        M.load_protocol("nope")
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +141,7 @@ def test_metric_syncs_in_a_gloo_group_of_one(psnr: torch.nn.Module, tmp_path: Pa
 def test_protocols_differ_where_they_should(invsr: M.Protocol) -> None:
     ose = load_protocol("osediff")
     assert invsr.name == "invsr" and ose.name == "osediff"
-    # LPIPS: lpips package VGG+Alex (official) vs pyiqa Alex (OSEDiff family), USERS_AND_PEERS §4.1/§4.5
+    # LPIPS: lpips package VGG+Alex (official) vs pyiqa Alex (OSEDiff family), docs/evaluation.md
     assert invsr.specs["lpips_vgg"].backend == "lpips" and invsr.specs["lpips_alex"].backend == "lpips"
     assert "lpips_vgg" not in ose.specs and ose.specs["lpips_alex"].backend == "pyiqa"
     # MANIQA: KonIQ vs PIPAL
@@ -176,36 +184,79 @@ def test_missing_weights_are_reported_not_downloaded(
 
 
 def test_weight_check_finds_present_files(invsr: M.Protocol, tmp_path: Path) -> None:
-    files = M.required_weights(invsr.specs["pi"], tmp_path)
+    files = W.required_weights(invsr.specs["pi"], tmp_path)
     assert [f.filename for f in files] == ["niqe_modelparameters.mat", "NRQM_model.mat"]
     files[0].path.parent.mkdir(parents=True)
     files[0].path.write_bytes(b"x")
     assert files[0].exists() and not files[1].exists()
-    assert M.required_weights(invsr.specs["psnr"], tmp_path) == []
+    assert W.required_weights(invsr.specs["psnr"], tmp_path) == []
 
 
 def test_download_guard_blocks_pyiqa_downloads(tmp_path: Path) -> None:
     from pyiqa.utils.download_util import load_file_from_url
 
-    with M.no_downloads(), pytest.raises(M.WeightsUnavailableError, match="refused"):
+    with W.no_downloads(), pytest.raises(W.WeightsUnavailableError, match="refused"):
         load_file_from_url("https://example.invalid/w.pth", model_dir=str(tmp_path))
     assert not (tmp_path / "w.pth").exists()
 
 
 def test_offline_env_overrides_allow_download(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert not M.downloads_allowed(True)
+    assert not W.downloads_allowed(True)
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    assert M.downloads_allowed(True) and not M.downloads_allowed(False)
+    assert W.downloads_allowed(True) and not W.downloads_allowed(False)
 
 
-def test_make_metrics_skips_reference_metrics_on_lq_only_sets(
-    invsr: M.Protocol, psnr: torch.nn.Module
-) -> None:
+def test_metric_set_skips_reference_metrics_on_lq_only_sets(invsr: M.Protocol, psnr: torch.nn.Module) -> None:
+    specs = {"psnr": invsr.specs["psnr"], "niqe": invsr.specs["niqe"], "fid": invsr.specs["fid"]}
+    scorers = {"psnr": psnr, "niqe": lambda sr: sr.mean(dim=(1, 2, 3)), "fid": torch.nn.Identity()}
+    metric_set = M.MetricSet(invsr, specs, scorers)
+    assert set(metric_set.metrics(paired=True)) == {"psnr", "niqe"}  # FID is a folder score
+    assert set(metric_set.metrics(paired=False)) == {"niqe"}
+    assert metric_set.headers == {"psnr": "PSNR↑", "niqe": "NIQE↓", "fid": "FID↓"}
+
+
+def test_build_metric_set_reports_what_it_cannot_build(invsr: M.Protocol, tmp_path: Path) -> None:
+    metric_set = M.build_metric_set(load_protocol("osediff"), ["psnr", "lpips_vgg", "niqe"], str(tmp_path))
+    assert list(metric_set.specs) == ["psnr"]
+    assert metric_set.unavailable["lpips_vgg"] == "not part of protocol 'osediff'"
+    assert metric_set.unavailable["niqe"].startswith("weights unavailable")
+    assert not any(p.requires_grad for p in metric_set.scorers["psnr"].parameters())  # DDP ignores it
+
+
+def test_quantize_8bit_rounds_to_the_png_grid() -> None:
+    x = torch.tensor([-0.1, 0.0, 0.4 / 255, 0.6 / 255, 0.5, 1.0, 1.2])
+    q = M.quantize_8bit(x)
+    assert torch.equal(q * 255, torch.tensor([0.0, 0.0, 0.0, 1.0, 128.0, 255.0, 255.0]))
+    assert torch.equal(M.quantize_8bit(q), q)  # 8-bit inputs (GT from files) are unchanged
+
+
+def test_score_images_rounds_then_scores(invsr: M.Protocol, psnr: torch.nn.Module) -> None:
+    metrics = M.MetricSet(invsr, {"psnr": invsr.specs["psnr"]}, {"psnr": psnr}).metrics(paired=True)
+    gt = torch.full((2, 3, 16, 16), 100 / 255)  # on the 8-bit grid, as GT read from files
+    # +0.4/255 rounds away (identical after 8 bits: the 80 dB cap), +0.6/255 rounds to +1/255
+    sr = gt + torch.tensor([0.4, 0.6]).view(2, 1, 1, 1) / 255
+    scores, errors = M.score_images(metrics, sr, gt)
+    assert errors == {}
+    one_level = -10 * math.log10((219 / 255**2) ** 2 + 1e-8)
+    assert scores["psnr"] == pytest.approx([M.PSNR_IDENTICAL_DB, one_level], abs=1e-3)
+    assert metrics["psnr"].compute().item() == pytest.approx(sum(scores["psnr"]) / 2)
+    with pytest.raises(ValueError, match="SR shape"):
+        M.score_images(metrics, sr, gt[..., :8])
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method")
+def test_a_failing_metric_is_reported_not_fatal(invsr: M.Protocol, psnr: torch.nn.Module) -> None:
+    def too_small(sr):
+        raise RuntimeError("image too small")
+
     specs = {"psnr": invsr.specs["psnr"], "niqe": invsr.specs["niqe"]}
-    scorers = {"psnr": psnr, "niqe": lambda sr: sr.mean(dim=(1, 2, 3))}
-    assert set(M.make_metrics(scorers, specs, paired=True)) == {"psnr", "niqe"}
-    assert set(M.make_metrics(scorers, specs, paired=False)) == {"niqe"}
+    metrics = M.MetricSet(invsr, specs, {"psnr": psnr, "niqe": too_small}).metrics(paired=True)
+    gt = torch.rand(1, 3, 16, 16)
+    scores, errors = M.score_images(metrics, gt, gt)
+    assert scores["niqe"] == [None] and "image too small" in errors["niqe"]
+    assert scores["psnr"][0] > 40 and "psnr" not in errors  # the others still ran
+    assert int(metrics["niqe"].count) == 0 and math.isnan(metrics["niqe"].compute().item())
 
 
 def test_lpips_scorer_rescales_and_returns_one_value_per_image() -> None:
