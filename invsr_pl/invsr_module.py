@@ -14,7 +14,6 @@ optimisers; the official trainer keeps two, §4.5.)
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
@@ -26,10 +25,11 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
-from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from invsr_pl.evaluation import batch_positions, sr_generator
 from invsr_pl.losses.adversarial import clamp_fake, generator_adv_loss, hinge_d_loss
-from invsr_pl.sampling.color_fix import rgb_to_ycbcr_bt601
+from invsr_pl.metrics import VALIDATION_PROTOCOL, build_metric_set, load_protocol, score_images
+from invsr_pl.sampling.color_fix import upsample_reference
 from invsr_pl.sampling.sampler import InvSRSampler
 from invsr_pl.sampling.timesteps import to_index, validate_timesteps
 from invsr_pl.utils.seeding import stable_seed
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 # Frozen parts are never checkpointed (ARCHITECTURE fact 7); they are rebuilt from their own weight files.
 NOT_CHECKPOINTED = ("backbone.", "lpips.", "val_metrics.", "test_metrics.")
-_VGG16_WEIGHTS = "vgg16-397923af.pth"  # torchvision's VGG16 file, needed by torchmetrics' LPIPS (vgg)
 
 
 def warmup_factor(scheduler_steps: int, warmup_steps: int) -> float:
@@ -277,7 +276,9 @@ class InvSRLitModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        srs = self._score_batch(batch, batch_idx, self.val_metrics, "val")
+        srs = self._score_batch(batch, batch_idx, self.val_metrics, self.trainer.val_dataloaders, "val")
+        if not srs:  # only padding of Lightning's DistributedSampler on this rank
+            return
         keep = self.hparams.val_keep_images  # for the image logger callback (rank zero reads it)
         self.last_val_images = {
             "lq": batch["lq"][:keep].detach().cpu(),
@@ -287,30 +288,32 @@ class InvSRLitModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         """Score a paired test set like validation, logged as ``test/<set name>/psnr_<n>step`` etc."""
-        self._score_batch(
-            batch, batch_idx, self.test_metrics[dataloader_idx], f"test/{self._test_names()[dataloader_idx]}"
-        )
+        loaders = self.trainer.test_dataloaders
+        loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+        prefix = f"test/{self._test_names()[dataloader_idx]}"
+        self._score_batch(batch, batch_idx, self.test_metrics[dataloader_idx], loader, prefix)
 
-    def _score_batch(self, batch: dict[str, Any], batch_idx: int, metrics: nn.ModuleDict, prefix: str):
-        """SR per ``val_num_steps``; PSNR/SSIM on Y (no border crop), LPIPS on RGB. Returns {n: SR}."""
-        lq, gt = batch["lq"], batch["gt"]
-        # the same draws for the same batch in every evaluation, so curves compare weights, not noise
-        gen = torch.Generator(device=self.device).manual_seed(self.hparams.seed + batch_idx)
+    def _score_batch(
+        self, batch: dict[str, Any], batch_idx: int, metrics: nn.ModuleDict, loader: Any, prefix: str
+    ) -> dict[int, Tensor]:
+        """SR per ``val_num_steps`` and the bicubic baseline, scored exactly as ``evaluate.py`` scores them
+        (:func:`invsr_pl.metrics.score_images`: 8-bit SR, protocol ``invsr``) and logged as
+        ``<prefix>/<metric>_<n>step`` / ``<prefix>/<metric>_bicubic``. Returns {n: SR (B,3,H,W) in [0, 1]}."""
+        _, keep = batch_positions(loader, batch_idx, len(batch["lq"]))
+        lq, gt = batch["lq"][keep], batch["gt"][keep]
+        names = [str(n) for n, k in zip(batch.get("name") or range(len(keep)), keep, strict=True) if k]
         srs: dict[int, Tensor] = {}
-        for n in self.val_num_steps:
-            sr = srs[n] = self(lq, num_steps=n, generator=gen)
-            if sr.shape != gt.shape:
-                raise ValueError(f"SR shape {tuple(sr.shape)} != GT shape {tuple(gt.shape)} (wrong scale?)")
-            # Y of BT.601 studio-swing YCbCr, as pyiqa's ycbcr mode and the official validation (§4.6)
-            sr_y, gt_y = rgb_to_ycbcr_bt601(sr)[:, :1], rgb_to_ycbcr_bt601(gt)[:, :1]
-            for name, group in metrics.items():
-                pred, target = (sr, gt) if name == "lpips" else (sr_y, gt_y)
-                group[str(n)].update(pred, target)
+        for label, n in [(f"{n}step", n) for n in self.val_num_steps] + [("bicubic", None)]:
+            if names:  # (none: padding only; the metrics are still logged so that every rank syncs them)
+                if n is None:
+                    sr = upsample_reference(lq, tuple(gt.shape[-2:]))
+                else:  # seeded per image and method as in evaluation, so both give the same numbers
+                    gen = sr_generator(self.hparams.seed, names, self.device)
+                    sr = srs[n] = self(lq, num_steps=n, generator=gen)
+                score_images(metrics[label], sr, gt)
+            for key, metric in metrics[label].items():
                 self.log(
-                    f"{prefix}/{name}_{n}step",
-                    group[str(n)],
-                    batch_size=lq.shape[0],
-                    add_dataloader_idx=False,
+                    f"{prefix}/{key}_{label}", metric, batch_size=max(len(names), 1), add_dataloader_idx=False
                 )
         return srs
 
@@ -333,18 +336,15 @@ class InvSRLitModule(L.LightningModule):
             self.test_metrics.extend(self._metric_set() for _ in self._test_names())
 
     def _metric_set(self) -> nn.ModuleDict:
-        """{"psnr"|"ssim"|"lpips": {str(n): Metric}}; LPIPS only if torchvision's VGG16 weights are cached."""
-        steps = [str(n) for n in self.val_num_steps]
-        metrics = {
-            "psnr": nn.ModuleDict({n: PeakSignalNoiseRatio(1.0, dim=(1, 2, 3)) for n in steps}),  # per image
-            "ssim": nn.ModuleDict({n: StructuralSimilarityIndexMeasure(data_range=1.0) for n in steps}),
-        }
-        cached = os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", _VGG16_WEIGHTS))
-        if self.hparams.val_lpips and cached:  # never download
-            from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity as LPIPS
-
-            metrics["lpips"] = nn.ModuleDict({n: LPIPS("vgg", normalize=True) for n in steps})
-        return nn.ModuleDict(metrics)
+        """{"<n>step" | "bicubic": {"psnr" | "ssim" | "lpips_vgg": ImageQualityMetric}} from the one metric
+        factory and the evaluation protocol; LPIPS-VGG only with ``val_lpips`` and its weights on disk (no
+        download; otherwise a warning says which file is missing)."""
+        names = ["psnr", "ssim"] + (["lpips_vgg"] if self.hparams.val_lpips else [])
+        metric_set = build_metric_set(load_protocol(VALIDATION_PROTOCOL), names)
+        for key, reason in metric_set.unavailable.items():
+            rank_zero_warn(f"validation metric {key} is not computed: {reason}")
+        labels = [f"{n}step" for n in self.val_num_steps] + ["bicubic"]
+        return nn.ModuleDict({label: metric_set.metrics(paired=True) for label in labels})
 
     def _test_names(self) -> list[str]:
         names = getattr(self.trainer.datamodule, "test_names", None) if self._trainer is not None else None
