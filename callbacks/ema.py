@@ -134,7 +134,9 @@ class NoisePredictorEMA(L.Callback):
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._swap_out(pl_module)
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         # e.g. SIGTERM during validation: put the training weights back before any checkpoint callback
         # (Lightning runs checkpoint callbacks last) saves the module
         self._swap_out(pl_module)

@@ -1,10 +1,10 @@
 """Atomic file writes: a reader sees the old file or the complete new one, never a half-written one.
 
-The data goes to a temporary file in the *same folder* (so the final rename never crosses file systems, which
-would turn it into a copy), is flushed and fsynced, then ``os.replace``d over the target, and the folder is
-fsynced so the rename itself survives a power cut. A killed writer leaves only a hidden ``.<name>.*.tmp`` file,
-which no reader in this project picks up (docs/checkpoints.md). Finished files get the ordinary permissions
-``0666 & ~umask`` (typically 0644), not the 0600 of ``tempfile.mkstemp``.
+The data goes to a temporary file in the *same folder* (so the final rename never crosses file systems,
+which would turn it into a copy), is flushed and fsynced, then ``os.replace``d over the target, and the folder
+is fsynced so the rename itself survives a power cut. A killed writer leaves only a hidden ``.<name>.*.tmp``
+file, which no reader in this project picks up (docs/checkpoints.md). Finished files get the ordinary
+permissions ``0666 & ~umask`` (typically 0644), not the 0600 of ``tempfile.mkstemp``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` for a writer that wants a file name (PIL, safetensors, ...);
     on success it is fsynced and renamed onto ``path``; on any error it is removed and ``path`` is untouched.
 
-    The temporary name ends in ``.tmp``: writers that pick the format from the suffix need it passed explicitly.
+    The temporary name ends in ``.tmp``: writers that pick the format from the suffix need it passed in.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

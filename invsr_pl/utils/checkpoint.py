@@ -1,11 +1,12 @@
 """Weight files and training checkpoints: the format, and the one place that reads them (docs/checkpoints.md).
 
-Nothing here unpickles arbitrary objects: ``.safetensors`` files go through safetensors, anything else through
-``torch.load(weights_only=True)``, which only rebuilds tensors and plain containers. A file that cannot be read
-(random bytes, truncated, or a pickle that would need to run code) raises :class:`WeightFileError`, whose
-message is one line naming the file and what is wrong; the commands print it and exit with code 2.
+Nothing here unpickles arbitrary objects: ``.safetensors`` files go through safetensors, anything else
+through ``torch.load(weights_only=True)``, which only rebuilds tensors and plain containers. A file that
+cannot be read (random bytes, truncated, or a pickle that would need to run code) raises
+:class:`WeightFileError`, whose message is one line naming the file and what is wrong; the commands print it
+and exit with code 2.
 
-Training checkpoint layout (``train.py`` / Lightning, written by ``InvSRLitModule`` and ``NoisePredictorEMA``):
+Training checkpoint layout (written through Lightning by ``InvSRLitModule`` and ``NoisePredictorEMA``):
 
 - ``state_dict``: ``noise_predictor.*`` and ``discriminator.*`` (the trainable parts; the frozen SD-Turbo and
   LPIPS are never saved), :data:`STATE_PREFIX`, :data:`TRAINABLE_PREFIXES`;
@@ -90,7 +91,7 @@ def _first_line(err: BaseException) -> str:
 
 
 def _torch_load(path: Path, what: str, mmap: bool = False) -> Any:
-    """``torch.load(weights_only=True)`` with every failure turned into a one-line :class:`WeightFileError`."""
+    """``torch.load(weights_only=True)``; every failure becomes a one-line :class:`WeightFileError`."""
     if path.stat().st_size == 0:
         raise WeightFileError(f"{what} {path} is empty (0 bytes): an interrupted write?")
     try:
@@ -100,8 +101,9 @@ def _torch_load(path: Path, what: str, mmap: bool = False) -> Any:
             found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
             what_object = f" (unsupported global {found.group(1)})" if found else ""
             raise WeightFileError(
-                f"{what} {path} holds Python objects{what_object} other than tensors and plain containers, so "
-                "it is not loaded (unpickling could run arbitrary code); if you trust it, re-save it as tensors"
+                f"{what} {path} holds Python objects{what_object} other than tensors and plain containers, "
+                "so it is not loaded (unpickling could run arbitrary code); if you trust it, re-save it as "
+                "tensors"
             ) from err
         raise WeightFileError(f"{what} {path} is not a PyTorch weight file ({_first_line(err)})") from err
     except (EOFError, zipfile.BadZipFile) as err:

@@ -4,11 +4,15 @@ Tensors are float32 (C, H, W) in [0, 1] (C = 3 for colour, 1 for alpha); arrays 
 8-bit files go through Pillow (with EXIF orientation and ICC-to-sRGB conversion); 16-bit PNGs through OpenCV
 (Pillow reduces 48/64-bit PNGs to 8 bits; OpenCV comes with pyiqa) and 16-bit TIFFs through tifffile (from
 scikit-image). A 16-bit input gives ``bit_depth`` 16 and :func:`write_image` then writes a 16-bit PNG/TIFF.
+Floating-point TIFFs (values in [0, 1]) are read through tifffile too and count as 16-bit. Multi-frame files
+(TIFF pages, animated GIF/WebP/PNG) are read one frame at a time (:func:`count_frames`, ``frame=``).
+Writes are atomic: a killed writer never leaves a half-written image (:mod:`invsr_pl.utils.atomic`).
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -19,11 +23,14 @@ import torch
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
+from invsr_pl.utils.atomic import atomic_path
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageReadError",
     "LoadedImage",
     "array_to_tensor",
+    "count_frames",
     "list_images",
     "normalise_extensions",
     "read_image",
@@ -33,6 +40,10 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 _EXIF_ORIENTATION = 0x0112
+_TIFF_SAMPLE_FORMAT, _TIFF_IEEE_FLOAT = 339, 3
+_FLOAT_TOLERANCE = 1e-3  # float pixels this far outside [0, 1] are rounding, not a different range
+_PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", ".webp": "WEBP",
+                ".tif": "TIFF", ".tiff": "TIFF"}  # fmt: skip
 
 
 class ImageReadError(ValueError):
@@ -165,6 +176,59 @@ def _read_16bit(path: Path, im: Image.Image) -> np.ndarray:
     return array
 
 
+def _is_float_tiff(im: Image.Image) -> bool:
+    formats = im.tag_v2.get(_TIFF_SAMPLE_FORMAT, (1,)) if im.format == "TIFF" else (1,)
+    return _TIFF_IEEE_FLOAT in (formats if isinstance(formats, tuple) else (formats,)) or im.mode == "F"
+
+
+def _read_float_tiff(path: Path, frame: int) -> np.ndarray:
+    """(H, W, C) float32 pixels of a floating-point TIFF page, refused unless they lie in [0, 1]."""
+    import tifffile
+
+    array = tifffile.imread(path, key=frame).astype(np.float32)
+    if array.ndim == 3 and array.shape[0] in (1, 2, 3, 4) and array.shape[-1] not in (1, 2, 3, 4):
+        array = array.transpose(1, 2, 0)  # planar (C, H, W) storage
+    if array.ndim == 2:
+        array = array[:, :, None]
+    if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
+        raise ImageReadError(f"unsupported float TIFF layout in {path}: shape {array.shape}")
+    low, high = float(np.min(array)), float(np.max(array))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ImageReadError(f"float image {path} holds NaN or infinite pixels")
+    if low < -_FLOAT_TOLERANCE or high > 1 + _FLOAT_TOLERANCE:
+        raise ImageReadError(
+            f"float image {path} has values in [{low:.4g}, {high:.4g}]; only floats in [0, 1] are supported "
+            "(convert it to 8- or 16-bit integers)"
+        )
+    return np.clip(array, 0.0, 1.0)
+
+
+def _tiff_pages(path: Path) -> int:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        return len(tif.pages)
+
+
+def count_frames(path: str | Path) -> int:
+    """Number of frames (TIFF pages, animation frames) in an image file; 1 for ordinary images.
+
+    Raises:
+        ImageReadError: the file cannot be opened as an image.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            return int(getattr(im, "n_frames", 1) or 1)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        if path.suffix.lower() in (".tif", ".tiff"):  # e.g. float RGB TIFFs, which Pillow cannot open
+            try:
+                return _tiff_pages(path)
+            except Exception:  # noqa: BLE001 - report Pillow's reason below
+                pass
+        raise ImageReadError(f"cannot read image {path}: {err}") from err
+
+
 def _to_srgb(im: Image.Image) -> Image.Image:
     """Convert an embedded ICC profile to sRGB, so that colours survive (USERS_AND_PEERS §1.1 #54)."""
     icc = im.info.get("icc_profile")
@@ -178,35 +242,35 @@ def _to_srgb(im: Image.Image) -> Image.Image:
         return im  # a broken profile: keep the pixels as they are
 
 
-def read_image(path: str | Path) -> LoadedImage:
+def read_image(path: str | Path, frame: int = 0) -> LoadedImage:
     """Read an image file into ``(image (3, H, W), alpha (1, H, W) | None, bit_depth)``, float32 in [0, 1].
 
     Handles png/jpg/jpeg/bmp/webp/tif/tiff; RGB, grayscale (replicated to 3 channels), palette, gray+alpha and
-    RGBA (alpha returned separately); 8-bit and 16-bit (divided by 65535) PNG/TIFF. EXIF orientation is
-    applied and 8-bit images with an ICC profile are converted to sRGB. Raises :class:`ImageReadError` on
-    failure.
+    RGBA (alpha returned separately); 8-bit and 16-bit (divided by 65535) PNG/TIFF; float TIFF in [0, 1]
+    (``bit_depth`` 16, other ranges refused). EXIF orientation is applied and 8-bit images with an ICC profile
+    are converted to sRGB.
+
+    Args:
+        frame: 0-based frame of a multi-frame file (TIFF page, animation frame); see :func:`count_frames`.
+
+    Raises:
+        ImageReadError: the file cannot be decoded, has no such frame, or has an unsupported pixel format.
     """
     path = Path(path)
     try:
-        with Image.open(path) as im:
-            orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1))
-            if _file_bit_depth(path, im) == 16:
-                array, bit_depth = _orient(_read_16bit(path, im), orientation), 16
-            else:
-                im = ImageOps.exif_transpose(im)
-                if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                    im = im.convert("RGBA")
-                elif im.mode == "F":
-                    im = im.convert("L")
-                elif im.mode not in ("RGB", "CMYK", "L"):
-                    im = im.convert("RGB")
-                im = _to_srgb(im)
-                im = im if im.mode in ("RGB", "RGBA") else im.convert("RGB")
-                array, bit_depth = np.asarray(im), 8
+        array, bit_depth = _read_array(path, frame)
     except ImageReadError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise ImageReadError(f"cannot read image {path}: {err}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+        if path.suffix.lower() in (".tif", ".tiff") and "cannot identify" in str(err):
+            try:  # float RGB TIFFs: Pillow cannot open them, tifffile can
+                array, bit_depth = _read_float_tiff(path, frame), 16
+            except ImageReadError:
+                raise
+            except Exception:  # noqa: BLE001 - report Pillow's reason
+                raise ImageReadError(f"cannot read image {path}: {err}") from err
+        else:
+            raise ImageReadError(f"cannot read image {path}: {err}") from err
     channels = array.shape[2] if array.ndim == 3 else 1
     if array.ndim == 2:
         array = array[:, :, None]
@@ -216,11 +280,41 @@ def read_image(path: str | Path) -> LoadedImage:
     return LoadedImage(array_to_tensor(color), None if alpha is None else array_to_tensor(alpha), bit_depth)
 
 
+def _read_array(path: Path, frame: int) -> tuple[np.ndarray, int]:
+    """(H, W, C) pixels of ``frame`` (uint8, uint16 or float32 in [0, 1]) and the file's bit depth."""
+    with Image.open(path) as im:
+        frames = int(getattr(im, "n_frames", 1) or 1)
+        if not 0 <= frame < frames:
+            raise ImageReadError(f"{path} has {frames} frame(s), no frame {frame}")
+        if frame:
+            im.seek(frame)
+        orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1))
+        if _is_float_tiff(im):
+            return _orient(_read_float_tiff(path, frame), orientation), 16
+        if _file_bit_depth(path, im) == 16:
+            if frame and im.format == "TIFF":
+                import tifffile
+
+                array = tifffile.imread(path, key=frame)
+                array = array[:, :, None] if array.ndim == 2 else array
+                return _orient(array, orientation), 16
+            return _orient(_read_16bit(path, im), orientation), 16
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            im = im.convert("RGBA")
+        elif im.mode not in ("RGB", "CMYK", "L"):
+            im = im.convert("RGB")
+        im = _to_srgb(im)
+        im = im if im.mode in ("RGB", "RGBA") else im.convert("RGB")
+        return np.asarray(im), 8
+
+
 def write_image(path: str | Path, image: Tensor, alpha: Tensor | None = None, bit_depth: int = 8) -> None:
     """Write ``image`` (3, H, W) float in [0, 1] (clamped, rounded), optional ``alpha`` (1, H, W) to ``path``.
 
     The format follows the suffix. ``bit_depth`` 16 needs .png or .tif/.tiff; 8 works for every suffix in
-    :data:`IMAGE_EXTENSIONS` (JPEG/BMP cannot carry alpha: a clear error). Parent folders are created.
+    :data:`IMAGE_EXTENSIONS` (JPEG/BMP cannot carry alpha: a clear error). Parent folders are created. The
+    file appears atomically (temporary file + rename), so an interrupted run never leaves a partial image.
     """
     path = Path(path)
     if image.ndim != 3 or image.shape[0] != 3:
@@ -236,22 +330,22 @@ def write_image(path: str | Path, image: Tensor, alpha: Tensor | None = None, bi
         raise ValueError(f"{suffix} cannot store an alpha channel; write .png, .webp or .tif instead")
     data = image if alpha is None else torch.cat([image.float(), alpha.float()], dim=0)
     array = tensor_to_array(data, bit_depth)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if bit_depth == 8:
-        Image.fromarray(array).save(path)  # (H, W, 3) -> RGB, (H, W, 4) -> RGBA
-    elif suffix == ".png":
-        import cv2
-
-        bgr = array[:, :, [2, 1, 0, 3]] if alpha is not None else array[:, :, ::-1]
-        ok, encoded = cv2.imencode(".png", np.ascontiguousarray(bgr))
-        if not ok:
-            raise OSError(f"OpenCV could not encode {path}")
-        path.write_bytes(encoded.tobytes())
-    elif suffix in (".tif", ".tiff"):
-        import tifffile
-
-        tifffile.imwrite(
-            path, array, photometric="rgb", extrasamples=("unassalpha",) if alpha is not None else None
-        )
-    else:
+    if bit_depth == 16 and suffix not in (".png", ".tif", ".tiff"):
         raise ValueError(f"16-bit output needs a .png or .tif/.tiff path, got {path.name}")
+    with atomic_path(path) as tmp:
+        if bit_depth == 8:
+            Image.fromarray(array).save(tmp, format=_PIL_FORMATS[suffix])  # (H, W, 3) RGB, (H, W, 4) RGBA
+        elif suffix == ".png":
+            import cv2
+
+            bgr = array[:, :, [2, 1, 0, 3]] if alpha is not None else array[:, :, ::-1]
+            ok, encoded = cv2.imencode(".png", np.ascontiguousarray(bgr))
+            if not ok:
+                raise OSError(f"OpenCV could not encode {path}")
+            tmp.write_bytes(encoded.tobytes())
+        else:
+            import tifffile
+
+            tifffile.imwrite(
+                tmp, array, photometric="rgb", extrasamples=("unassalpha",) if alpha is not None else None
+            )

@@ -13,10 +13,10 @@ from torch.utils.data import DataLoader
 
 from callbacks.ema import NoisePredictorEMA
 from invsr_pl.export import OFFICIAL_NAME, main
-from invsr_pl.utils.checkpoint import load_noise_predictor
 from invsr_pl.invsr_module import InvSRLitModule
 from invsr_pl.models.noise_predictor import NoisePredictor
 from invsr_pl.models.tiny import build_tiny_sd_turbo
+from invsr_pl.utils.checkpoint import load_noise_predictor
 
 TINY_NP = dict(block_out_channels=(32, 32), layers_per_block=1, attention_head_dim=8, norm_num_groups=8,
                temb_channels=32)  # fmt: skip
@@ -88,7 +88,9 @@ def test_export_errors_are_clear(
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
-def test_exported_files_have_ordinary_permissions(trained: tuple[Path, InvSRLitModule], tmp_path: Path) -> None:
+def test_exported_files_have_ordinary_permissions(
+    trained: tuple[Path, InvSRLitModule], tmp_path: Path
+) -> None:
     path, _ = trained
     assert main([str(path), str(tmp_path / "out")]) == 0
     files = sorted((tmp_path / "out").iterdir())

@@ -11,8 +11,9 @@ import tifffile
 import torch
 from PIL import Image
 
-from invsr_pl.cli.sr import TINY_NOISE_PREDICTOR, main
+from invsr_pl.cli.sr import main
 from invsr_pl.models.noise_predictor import NoisePredictor
+from invsr_pl.models.tiny import TINY_NOISE_PREDICTOR
 from invsr_pl.utils.images import read_image
 
 
@@ -128,9 +129,6 @@ def test_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 
 def test_trained_noise_predictor_folder_is_loaded(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from invsr_pl.cli.sr import TINY_NOISE_PREDICTOR
-    from invsr_pl.models.noise_predictor import NoisePredictor
-
     NoisePredictor(**TINY_NOISE_PREDICTOR).save_pretrained(tmp_path / "np")
     src = tmp_path / "a.png"
     Image.fromarray(skimage.data.coffee()[:32, :32]).save(src)
