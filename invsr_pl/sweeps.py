@@ -1,7 +1,8 @@
 """Sweep result tables: one row per job of a Hydra multirun, sorted by the optimised metric.
 
-At the end of ``python train.py -m ...`` (any sweeper: basic grid, Optuna) the Hydra callback
-:class:`SweepSummaryCallback` (configured in ``conf/hydra/default.yaml``) writes into the multirun folder:
+After each job of ``python train.py -m ...`` and at its end (any sweeper: basic grid, Optuna), the Hydra
+callback :class:`SweepSummaryCallback` (configured in ``conf/hydra/default.yaml``) writes into the multirun
+folder:
 
 - ``summary.csv``: one row per job: rank, job number, status, one column per override that varies across
   jobs, the full override string, the optimised metric, the other final validation metrics (``val/*``) and
@@ -362,9 +363,8 @@ def summary_markdown(summary: SweepSummary) -> str:
     if missing:
         lines += ["", f"Jobs without a value for `{summary.metric}`:", ""]
         for job in missing:
-            why = (
-                job.error.strip().splitlines()[-1] if job.error else f"status {job.status}, metric not logged"
-            )
+            why = " ".join(job.error.split()) if job.error else f"status {job.status}, metric not logged"
+            why = why if len(why) <= 300 else why[:297] + "..."
             lines.append(f"- job {job.job} (`{_run_dir(summary, job)}`): {why}")
     return "\n".join(lines) + "\n"
 
@@ -431,21 +431,26 @@ def write_summary(summary: SweepSummary, out_dir: str | Path | None = None) -> l
 
 # ---------------------------------------------------------------------------------------------- Hydra
 class SweepSummaryCallback(Callback):
-    """Hydra callback: records each job's outcome, and writes the summary when the multirun ends.
+    """Hydra callback: records each job's outcome and keeps the multirun folder's summary up to date.
 
     Args:
         metric: the metric to sort by; None = the jobs' ``optimized_metric``.
         mode: ``"max"`` or ``"min"`` (or Optuna's ``"maximize"`` / ``"minimize"``).
-        enabled: False turns both hooks off.
+        after_each_job: also rewrite the summary at the end of every job, so a sweep that stops halfway
+            (Hydra's basic sweeper raises at the first failed job, before ``on_multirun_end``) still leaves a
+            table with the failed job in it.
+        enabled: False turns the callback off.
 
-    A summary that cannot be written is reported as an error with the command that rebuilds it; it never
-    fails the sweep whose jobs have already finished. Note that Hydra's basic sweeper raises as soon as a job
-    fails, before ``on_multirun_end``: then run ``invsr-sweep-summary DIR`` by hand.
+    A summary that cannot be written is logged with the command that rebuilds it; it never fails a job or a
+    sweep. Multiruns whose jobs name no ``optimized_metric`` (e.g. ``evaluate.py -m``) get no summary.
     """
 
-    def __init__(self, metric: str | None = None, mode: str = "max", enabled: bool = True) -> None:
+    def __init__(
+        self, metric: str | None = None, mode: str = "max", after_each_job: bool = True, enabled: bool = True
+    ) -> None:
         self.metric = metric or None
         self.mode = _mode(mode)
+        self.after_each_job = bool(after_each_job)
         self.enabled = bool(enabled)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
@@ -459,7 +464,7 @@ class SweepSummaryCallback(Callback):
         if hydra_cfg.mode != RunMode.MULTIRUN:
             return
         status = getattr(job_return.status, "name", str(job_return.status)).lower()
-        value = job_return._return_value  # .return_value re-raises a failed job's exception
+        value = job_return._return_value  # .return_value would re-raise a failed job's exception
         record: dict[str, Any] = {
             "status": status,
             "job": hydra_cfg.job.num,
@@ -471,15 +476,21 @@ class SweepSummaryCallback(Callback):
             record["return_value"] = float(value)
         with atomic_write(Path(hydra_cfg.runtime.output_dir) / JOB_RECORD) as f:
             f.write((json.dumps(record, indent=2) + "\n").encode())
+        if self.after_each_job:
+            self._summarise(Path(str(hydra_cfg.sweep.dir)), final=False)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if not self.enabled:
-            return
-        sweep_dir = Path(str(config.hydra.sweep.dir))
+        if self.enabled:
+            self._summarise(Path(str(config.hydra.sweep.dir)), final=True)
+
+    def _summarise(self, sweep_dir: Path, final: bool) -> None:
         try:
             summary = build_summary(sweep_dir, self.metric, self.mode)
             paths = write_summary(summary)
-        except Exception as err:  # the jobs are done; say how to get the table rather than fail the sweep
+        except SweepSummaryError as err:  # e.g. jobs without optimized_metric: nothing to rank
+            log.info("No sweep summary: %s", err)
+            return
+        except Exception as err:  # the jobs ran; say how to get the table rather than fail anything
             log.error(
                 "Could not write the sweep summary (%s: %s); rebuild it with: invsr-sweep-summary %s",
                 type(err).__name__,
@@ -487,10 +498,11 @@ class SweepSummaryCallback(Callback):
                 sweep_dir,
             )
             return
-        best = summary.best
-        log.info("Sweep summary: %s", ", ".join(str(p) for p in paths))
-        if best is not None:
-            log.info("Best job %s: %s = %.4f", best.job, summary.metric, best.value(summary.metric))
+        if final:
+            log.info("Sweep summary: %s", ", ".join(str(p) for p in paths))
+            best = summary.best
+            if best is not None:
+                log.info("Best job %s: %s = %.4f", best.job, summary.metric, best.value(summary.metric))
 
 
 # ---------------------------------------------------------------------------------------------- command

@@ -85,3 +85,34 @@ def test_optuna_search_composes() -> None:
     assert set(sweeper.params) == {"model.lpips_weight", "model.gan_weight"}
     assert cfg.optimized_metric == "val/psnr_1step"
     assert instantiate(cfg.hydra.callbacks.sweep_summary).mode == "max"  # follows the sweeper's direction
+
+
+@pytest.mark.slow
+def test_failed_job_still_leaves_a_summary(tmp_path: Path) -> None:
+    """The basic sweeper runs every job, then raises for a failed one before on_multirun_end: the table
+    written after each job still has every row, with the error (both jobs fail at once, to keep this short;
+    the unit tests cover mixed tables)."""
+    sweep_dir = tmp_path / "sweep"
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "experiment=smoke",
+        "model.dis_update_freq=0,-1",  # refused by the module's constructor
+        f"hydra.sweep.dir={sweep_dir}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    for job in ("0", "1"):
+        record = json.loads((sweep_dir / job / sweeps.JOB_RECORD).read_text())
+        assert record["status"] == "failed" and "dis_update_freq" in record["error"]
+    rows = list(csv.DictReader((sweep_dir / "summary.csv").read_text().splitlines()))
+    assert [(r["job"], r["rank"], r["status"], r["model.dis_update_freq"]) for r in rows] == [
+        ("0", "", "failed", "0"),
+        ("1", "", "failed", "-1"),
+    ]
+    md = (sweep_dir / "summary.md").read_text()
+    failed = next(line for line in md.splitlines() if line.startswith("- job 0 (`0`): "))
+    assert "dis_update_freq" in failed  # the error, on one line
+    assert sweeps.main([str(sweep_dir)]) == 1  # rebuilding: jobs without a value
