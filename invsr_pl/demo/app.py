@@ -157,7 +157,6 @@ def build_app(
                             format="png",
                             label=f"Before (bicubic) / after (InvSR x{upscaler.scale})",
                             interactive=False,
-                            height=360,
                             elem_id="comparison",
                         )
                     run = gr.Button("Super-resolve", variant="primary", elem_id="run")

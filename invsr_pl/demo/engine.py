@@ -27,6 +27,7 @@ from invsr_pl.cli.sr import DEFAULT_SEED
 from invsr_pl.sampling import timesteps as ts
 from invsr_pl.sampling.color_fix import COLOR_FIX_METHODS
 from invsr_pl.sampling.sampler import InvSRSampler
+from invsr_pl.utils.atomic import atomic_write
 from invsr_pl.utils.images import ImageReadError, read_image, write_image
 
 __all__ = ["BatchResult", "RequestError", "Result", "Settings", "Upscaler"]
@@ -340,11 +341,10 @@ class Upscaler:
                 result.failed.append((path.name, f"{type(err).__name__}: {err}"))
         if result.written:
             result.zip_path = request_dir / f"invsr_x{self.scale}_results.zip"
-            partial = result.zip_path.with_suffix(".zip.part")  # never a half-written zip under its name
-            with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_STORED) as zf:  # PNGs are compressed
+            # never a half-written zip under its name; PNGs are compressed already
+            with atomic_write(result.zip_path) as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
                 for r in result.written:
                     zf.write(r.path, arcname=r.path.name)
-            partial.replace(result.zip_path)
         result.seconds = time.perf_counter() - start
         return result
 

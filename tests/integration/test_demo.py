@@ -147,6 +147,29 @@ def test_batch_zips_results_and_lists_failures(upscaler: Upscaler, tmp_path: Pat
     assert nothing.zip_path is None and len(nothing.failed) == 1
 
 
+def test_scale_follows_the_noise_predictor(upscaler: Upscaler, tmp_path: Path) -> None:
+    from invsr_pl.models.tiny import tiny_noise_predictor
+
+    x2 = Upscaler(upscaler.backbone, tiny_noise_predictor(scale=2, seed=0), "cpu", workdir=tmp_path / "w")
+    src = tmp_path / "in.png"
+    write_image(src, _gradient(8, 12))
+    result = x2.upscale_file(src, Settings(chopping_size=0))
+    assert x2.scale == 2 and result.output_size == (24, 16) and result.path.name == "in_x2.png"
+    assert "**Scale** x2" in x2.describe()
+
+
+def test_one_queue_for_both_views(upscaler: Upscaler) -> None:
+    from invsr_pl.demo.app import API_NAME, GPU_QUEUE, build_app
+
+    app = build_app(upscaler, concurrency=1)
+    events = {fn.api_name: fn for fn in app.fns.values() if fn.api_name}
+    assert set(events) == {API_NAME, "upscale_batch"}
+    for fn in events.values():  # single and batch jobs share one limit: never two jobs on the GPU
+        assert fn.concurrency_id == GPU_QUEUE and fn.concurrency_limit == 1
+    info = next(b for b in app.blocks.values() if getattr(b, "elem_id", None) == "model-info")
+    assert "Smoke mode" in info.value and "**Device** `cpu`" in info.value  # stated on the page
+
+
 def test_cli_setup_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert demo_cli.main(["--backbone", "tiny", "--max-megapixels", "0"]) == 2
     assert "--max-megapixels must be > 0" in capsys.readouterr().err
