@@ -19,6 +19,7 @@ from diffusers.models.unets.unet_2d_blocks import get_down_block, get_mid_block,
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from invsr_pl.models.timesteps import batch_index
 from invsr_pl.utils.checkpoint import read_state_dict
 
 __all__ = ["LatentDiscriminator"]
@@ -260,8 +261,8 @@ class LatentDiscriminator(nn.Module):
             latent: (B, C_in, h, w) float scaled SD latents (VAE sample * 0.18215, roughly [-4, 4] for real
                 images). Fakes should be clamped to [-LATENT_BOUND, LATENT_BOUND] = [-10, 10] by the caller
                 (``invsr_pl.losses.adversarial.clamp_fake``, INVSR_REFERENCE §2.5).
-            index: 0-based diffusion index (user timestep - 1, e.g. 249/199/149/99): LongTensor (B,), a 0-d
-                tensor or an int (broadcast to the batch).
+            index: 0-based diffusion index (user timestep - 1, e.g. 249/199/149/99): an int or an integer
+                tensor of shape (), (1,) or (B,) (``timesteps.batch_index``).
             encoder_hidden_states: (B, L, cross_attention_dim) prompt embeddings (L = 77 for SD).
 
         Returns:
@@ -281,13 +282,7 @@ class LatentDiscriminator(nn.Module):
             raise ValueError(
                 f"encoder_hidden_states batch {encoder_hidden_states.shape[0]} != latent batch {batch}"
             )
-        index = torch.as_tensor(index, device=latent.device)
-        if index.ndim == 0:
-            index = index.expand(batch)
-        if index.shape != (batch,):
-            raise ValueError(
-                f"index must be an int or a (B,) = ({batch},) tensor, got shape {tuple(index.shape)}"
-            )
+        index = batch_index(index, batch, latent.device)
 
         # Inputs follow the weights' dtype (e.g. fp16 prompt embeddings from a half-precision backbone);
         # under autocast the layers recast anyway.

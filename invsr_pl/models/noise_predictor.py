@@ -22,6 +22,7 @@ from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from invsr_pl.models.timesteps import batch_index
 from invsr_pl.utils.checkpoint import read_state_dict
 
 CONFIG_NAME = "config.json"
@@ -223,13 +224,7 @@ class NoisePredictor(nn.Module):
                 f"LR size {tuple(lr.shape[-2:])} must be divisible by {factor} (2 ** {self.num_down_stages} "
                 f"downsampling stages for scale={self.scale}); pad the LR image first"
             )
-        batch = lr.shape[0]
-        idx = torch.as_tensor(index, device=lr.device)
-        if idx.is_floating_point() or idx.ndim > 1 or (idx.ndim == 1 and idx.shape[0] not in (1, batch)):
-            raise ValueError(
-                f"index must be an int or an integer tensor of shape () / (1,) / ({batch},), got {index!r}"
-            )
-        idx = idx.reshape(-1).expand(batch).to(torch.long)
+        idx = batch_index(index, lr.shape[0], lr.device)
         x = (
             lr.to(self.encoder.conv_in.weight.dtype) * 2.0 - 1.0
         )  # INVSR_REFERENCE §1.1: centre [0,1] -> [-1,1]

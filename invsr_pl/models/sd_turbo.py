@@ -8,7 +8,6 @@ constructor, i.e. before Lightning/DDP can wrap anything (ARCHITECTURE C5).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,23 +16,20 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionMode
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
-from invsr_pl.sampling.timesteps import (
+from invsr_pl.models.timesteps import (
     SD_TURBO_SCHEDULER_CONFIG,
+    batch_index,
     build_scheduler,
     lookup_sigma,
     scale_model_input,
     sigmas_from_alphas_cumprod,
 )
+from invsr_pl.utils.offline import hub_offline
 
 # INVSR_REFERENCE §7.1: the positive prompt is used for training, validation and inference at every step.
 POSITIVE_PROMPT = (
     "Cinematic, high-contrast, photo-realistic, 8k, ultra HD, meticulous detailing, hyper sharpness, "
     "perfect without deformations"
-)
-# INVSR_REFERENCE §7.1: CFG only; the missing space after "noisy," is in the official string.
-NEGATIVE_PROMPT = (
-    "Low quality, blurring, jpeg artifacts, deformed, over-smooth, cartoon, noisy,painting, drawing, sketch, "
-    "oil painting"
 )
 DEFAULT_MODEL_ID = "stabilityai/sd-turbo"
 
@@ -132,19 +128,6 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = 
     return _DTYPES[key]
 
 
-def _hub_offline() -> bool:
-    """True when the user asked for offline mode (read at call time, unlike huggingface_hub's constants)."""
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    if any(f.strip().lower() in {"1", "true", "yes", "on"} for f in flags):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except (ImportError, AttributeError):
-        return False
-
-
 def _not_found(model: str, reason: str) -> BackboneWeightsNotFound:
     return BackboneWeightsNotFound(
         f"SD-Turbo weights for {model!r} could not be loaded: {reason}. Download them once where the Hugging "
@@ -172,7 +155,7 @@ def _resolve_folder(model: str, revision: str | None, cache_dir: str | None) -> 
     try:
         return Path(snapshot_download(model, local_files_only=True, **kwargs))
     except Exception as local_err:  # noqa: BLE001 - any cache miss falls through to the hub or a clear error
-        if _hub_offline():
+        if hub_offline():
             raise _not_found(
                 model,
                 "it is not an existing folder, not in the local Hugging Face cache, and the hub is offline "
@@ -353,13 +336,21 @@ class FrozenSDTurbo(nn.Module):
         if image.shape[-2] % f or image.shape[-1] % f:
             raise ValueError(f"image size {tuple(image.shape[-2:])} must be a multiple of {f} (VAE factor)")
 
-    def encode(self, image: Tensor, generator: torch.Generator | None = None, sample: bool = True) -> Tensor:
+    def encode(
+        self,
+        image: Tensor,
+        generator: torch.Generator | None = None,
+        sample: bool = True,
+        noise: Tensor | None = None,
+    ) -> Tensor:
         """Image -> scaled latent.
 
         Args:
             image: ``(B, 3, H, W)`` float in [0, 1]; H, W multiples of 8.
             generator: for the posterior sample (determinism); ``None`` uses the global RNG.
             sample: posterior *sample* (default, as the official code, INVSR_REFERENCE §7.7.8) or its mean.
+            noise: ``(B, 4, H/8, W/8)`` standard normal draw for the posterior sample, used instead of drawing
+                one from ``generator`` (the sampler draws it itself so padded rows draw nothing).
 
         Returns:
             ``(B, 4, H/8, W/8)`` float32 latent, ``z * scaling_factor``.
@@ -369,9 +360,12 @@ class FrozenSDTurbo(nn.Module):
         posterior = self.vae.encode(x).latent_dist
         mean = posterior.mean.float()
         if sample:
-            # Draw in fp32 so the sample does not depend on the weight dtype's noise resolution.
-            noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
-            latent = mean + posterior.std.float() * noise
+            if noise is None:
+                # Draw in fp32 so the sample does not depend on the weight dtype's noise resolution.
+                noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+            elif noise.shape != mean.shape:
+                raise ValueError(f"noise shape {tuple(noise.shape)} != latent shape {tuple(mean.shape)}")
+            latent = mean + posterior.std.float() * noise.float()
         else:
             latent = mean
         return latent * self.scaling_factor
@@ -383,12 +377,6 @@ class FrozenSDTurbo(nn.Module):
         z = (latent.float() / self.scaling_factor).to(device=self.device, dtype=self.dtype)
         x = self.vae.decode(z, return_dict=False)[0]
         return (x.float() / 2.0 + 0.5).clamp(0.0, 1.0)  # INVSR_REFERENCE §5.2 step 7
-
-    def _batch_index(self, index: Tensor | int, batch: int, device: torch.device) -> Tensor:
-        idx = torch.as_tensor(index, device=device)
-        if idx.is_floating_point() or idx.ndim > 1 or (idx.ndim == 1 and idx.shape[0] not in (1, batch)):
-            raise ValueError(f"index must be an int or an integer tensor of shape () / (1,) / ({batch},)")
-        return idx.to(torch.long).reshape(-1).expand(batch)
 
     def predict_eps(self, z_t: Tensor, index: Tensor | int) -> Tensor:
         """UNet noise prediction for the VE state ``z_t`` (INVSR_REFERENCE §0, §5.2 step 6).
@@ -402,7 +390,7 @@ class FrozenSDTurbo(nn.Module):
         """
         if z_t.ndim != 4 or z_t.shape[1] != self.latent_channels:
             raise ValueError(f"z_t must be (B, {self.latent_channels}, h, w), got {tuple(z_t.shape)}")
-        idx = self._batch_index(index, z_t.shape[0], z_t.device)
+        idx = batch_index(index, z_t.shape[0], z_t.device)
         sigma = self.sigma(idx)  # (B,) float32
         x = scale_model_input(z_t.float(), sigma).to(self.dtype)  # VE -> VP input, z / sqrt(1 + sigma^2)
         cond = self.prompt_embeds.to(z_t.device).expand(z_t.shape[0], -1, -1)
@@ -411,9 +399,31 @@ class FrozenSDTurbo(nn.Module):
 
     def predict_x0(self, z_t: Tensor, index: Tensor | int) -> Tensor:
         """``(B, 4, h, w)`` float32 ``x0_hat = z_t - sigma * eps_hat`` (INVSR_REFERENCE §0)."""
-        idx = self._batch_index(index, z_t.shape[0], z_t.device)
+        idx = batch_index(index, z_t.shape[0], z_t.device)
         eps = self.predict_eps(z_t, idx)
         return z_t.float() - self.sigma(idx).view(-1, 1, 1, 1) * eps
+
+    def invert_step(self, z_lq: Tensor, noise: Tensor, index: Tensor | int) -> tuple[Tensor, Tensor]:
+        """The one-step inversion of the paper (Sec. 3, Algorithm 1): start state, then one UNet call.
+
+        ``z_t = z_lq + sigma_t * noise`` (the LR latent moved onto the trajectory by the predicted noise),
+        ``x0_hat = z_t - sigma_t * eps_hat(z_t, t)``; used by training (every iteration) and by the sampler
+        (its first step). Differentiable w.r.t. ``noise`` (weights are frozen).
+
+        Args:
+            z_lq: ``(B, 4, h, w)`` scaled latent of the bicubic-upsampled LR image.
+            noise: ``(B, 4, h, w)`` start noise (the noise predictor's sample, or N(0, I)).
+            index: diffusion index: int or an integer tensor of shape (), (1,) or (B,).
+
+        Returns:
+            ``(x0_hat, eps_hat)``, both ``(B, 4, h, w)`` float32; a further Euler step continues from
+            ``x0_hat + sigma_next * eps_hat``.
+        """
+        idx = batch_index(index, z_lq.shape[0], z_lq.device)
+        sigma = self.sigma(idx).view(-1, 1, 1, 1)
+        z_t = z_lq.float() + sigma * noise.float()
+        eps = self.predict_eps(z_t, idx)
+        return z_t - sigma * eps, eps
 
 
 def build_from_configs(

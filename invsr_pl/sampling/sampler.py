@@ -14,12 +14,14 @@ from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
-from invsr_pl.sampling import timesteps as ts
+from invsr_pl.models import timesteps as ts
 from invsr_pl.sampling.color_fix import COLOR_FIX_METHODS, apply_color_fix, upsample_reference
 from invsr_pl.sampling.tiling import pad_to_min_size, pad_to_multiple, required_multiple, tiled_map
+from invsr_pl.utils.compile import is_compiled
 
 __all__ = ["STAGES", "InvSRSampler"]
 
@@ -43,6 +45,11 @@ class InvSRSampler:
         color_fix: ``"none"``, ``"wavelet"``, ``"ycbcr"`` or ``"adain"`` (§5.6), against the aligned LR.
         scale: SR factor when ``noise_predictor`` is None (else it must match ``noise_predictor.scale``); 4 if
             both are absent.
+        pad_batches: pad a short batch of patches (the last one, or a small image's) with copies of its last
+            patch up to the next power of two (at most ``chopping_batch``), so that compiled networks see a
+            few fixed shapes instead of recompiling; outputs are unchanged (the random draws cover the real
+            patches only). ``None``: on when the noise predictor or UNet is compiled
+            (``invsr_pl.utils.compile``).
 
     Attributes:
         timings: ``None`` (default, no overhead) or a ``dict[str, float]`` into which every call adds the
@@ -59,6 +66,7 @@ class InvSRSampler:
         chopping_batch: int = 8,
         color_fix: str = "none",
         scale: int | None = None,
+        pad_batches: bool | None = None,
     ) -> None:
         np_scale = getattr(noise_predictor, "scale", None)
         if scale is not None and np_scale is not None and scale != np_scale:
@@ -83,6 +91,9 @@ class InvSRSampler:
         self.chopping_size = chopping_size or None
         self.chopping_batch = chopping_batch
         self.color_fix = color_fix
+        if pad_batches is None:
+            pad_batches = is_compiled(noise_predictor) or is_compiled(getattr(backbone, "unet", None))
+        self.pad_batches = bool(pad_batches)
         self.timings: dict[str, float] | None = None
 
     # ------------------------------------------------------------------ public API
@@ -168,48 +179,7 @@ class InvSRSampler:
         Returns:
             (B, 4, s*p/8, s*q/8) float32 scaled latent x0_hat.
         """
-        steps = self.timesteps if timesteps is None else ts.validate_timesteps(timesteps)
-        if lr_patch.shape[-2] % self.modulus or lr_patch.shape[-1] % self.modulus:
-            raise ValueError(f"patch size {tuple(lr_patch.shape[-2:])} must be a multiple of {self.modulus}")
-        device = self.backbone.device
-        lr_patch = lr_patch.to(device=device, dtype=torch.float32)
-        b = lr_patch.shape[0]
-        index = ts.to_index(steps, device=device)  # (T,) diffusion indices, user t -> t - 1 (§0)
-        sigmas = self.backbone.sigma(index).float()  # (T,) float32
-
-        with self._stage("noise_predictor"):
-            # §5.2 step 5: the NP draw comes first, then the VAE posterior draw
-            if self.noise_predictor is not None:
-                # §5.2 step 5 / §5.7: fp32 weights under autocast in the backbone's half dtype (off in fp32)
-                half = self.backbone.dtype if self.backbone.dtype in (torch.float16, torch.bfloat16) else None
-                with torch.autocast(device.type, dtype=half, enabled=half is not None):
-                    dist = self.noise_predictor(lr_patch, index[:1].expand(b))
-                noise = dist.sample(generator=generator).float()
-            else:
-                shape = (
-                    b,
-                    self.backbone.latent_channels,
-                    *(self.scale * n // self.backbone.vae_scale_factor for n in lr_patch.shape[-2:]),
-                )
-                # diffusers' helper also accepts a CPU generator for a CUDA tensor (drawn on CPU, then moved)
-                noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        with self._stage("vae_encode"):
-            # §5.2 step 3: bicubic without antialias, not clamped (as the official pipeline)
-            lr_up = F.interpolate(lr_patch, scale_factor=self.scale, mode="bicubic", align_corners=False)
-            z_lq = self.backbone.encode(lr_up, generator=generator).float()
-        if noise.shape != z_lq.shape:
-            raise ValueError(
-                f"noise predictor output {tuple(noise.shape)} does not match the latent {tuple(z_lq.shape)}"
-            )
-
-        z = ts.add_noise(z_lq, noise, sigmas[0])  # §5.2 step 5: VE start state z_lq + sigma_0 * noise
-        with self._stage("unet"):
-            for i in range(len(steps)):
-                eps = self.backbone.predict_eps(z, index[i : i + 1].expand(b)).float()
-                # §5.2 step 6: deterministic Euler (s_churn 0) in fp32; the last sigma is 0 -> x0_hat
-                sigma_next = sigmas[i + 1] if i + 1 < len(steps) else 0.0
-                z = ts.euler_step(z, eps, sigmas[i], sigma_next)
-        return z
+        return self._invert(lr_patch, timesteps, generator)[: lr_patch.shape[0]]
 
     def sample_patch(
         self,
@@ -218,9 +188,83 @@ class InvSRSampler:
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """:meth:`invert` then decode: (B, 3, p, q) in [0, 1] -> (B, 3, s*p, s*q) float32 in [0, 1]."""
-        z0 = self.invert(lr_patch, timesteps, generator)
+        z0 = self._invert(
+            lr_patch, timesteps, generator
+        )  # padded rows, if any, are decoded too (fixed shape)
         with self._stage("vae_decode"):
-            return self.backbone.decode(z0).float()
+            return self.backbone.decode(z0).float()[: lr_patch.shape[0]]
+
+    def _invert(
+        self, lr_patch: Tensor, timesteps: Sequence[int] | None, generator: torch.Generator | None
+    ) -> Tensor:
+        """:meth:`invert` on the batch padded to :meth:`_padded_rows` rows; returns all rows."""
+        steps = self.timesteps if timesteps is None else ts.validate_timesteps(timesteps)
+        if lr_patch.shape[-2] % self.modulus or lr_patch.shape[-1] % self.modulus:
+            raise ValueError(f"patch size {tuple(lr_patch.shape[-2:])} must be a multiple of {self.modulus}")
+        device = self.backbone.device
+        b = lr_patch.shape[0]
+        rows = self._padded_rows(b)
+        x = _pad_rows(lr_patch.to(device=device, dtype=torch.float32), rows)
+        index = ts.to_index(steps, device=device)  # (T,) diffusion indices, user t -> t - 1 (§0)
+        sigmas = self.backbone.sigma(index).float()  # (T,) float32
+        latent = (
+            b,
+            self.backbone.latent_channels,
+            *(self.scale * n // self.backbone.vae_scale_factor for n in x.shape[-2:]),
+        )
+
+        with self._stage("noise_predictor"):
+            # §5.2 step 5: the start-noise draw comes first, then the VAE posterior draw. Both are drawn here,
+            # for the real rows only, so that padding a batch never changes a real patch's random numbers.
+            # diffusers' helper also accepts a CPU generator for a CUDA tensor (drawn on CPU, then moved).
+            start = _pad_rows(
+                randn_tensor(latent, generator=generator, device=device, dtype=torch.float32), rows
+            )
+            posterior = _pad_rows(
+                randn_tensor(latent, generator=generator, device=device, dtype=torch.float32), rows
+            )
+            if self.noise_predictor is not None:
+                dist = self._predict_noise_distribution(x, index[:1].expand(rows))
+                noise = dist.mean + dist.std * start  # = dist.sample(generator) on the real rows
+            else:
+                noise = start
+        with self._stage("vae_encode"):
+            # §5.2 step 3: bicubic without antialias, not clamped (as the official pipeline)
+            lr_up = F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
+            z_lq = self.backbone.encode(lr_up, noise=posterior).float()
+        if noise.shape != z_lq.shape:
+            raise ValueError(
+                f"noise predictor output {tuple(noise.shape)} does not match the latent {tuple(z_lq.shape)}"
+            )
+        with self._stage("unet"):
+            # §5.2 steps 5-6: the one-step inversion, then deterministic Euler steps (s_churn 0) in fp32; the
+            # last sigma is 0, so each step continues from x0_hat + sigma_next * eps_hat
+            x0, eps = self.backbone.invert_step(z_lq, noise, index[:1].expand(rows))
+            for i in range(1, len(steps)):
+                z = ts.add_noise(x0, eps, sigmas[i])
+                eps = self.backbone.predict_eps(z, index[i : i + 1].expand(rows)).float()
+                x0 = ts.x0_from_eps(z, eps, sigmas[i])
+        return x0
+
+    def _predict_noise_distribution(self, x: Tensor, index: Tensor) -> DiagonalGaussianDistribution:
+        """The noise predictor's Gaussian (float32 moments).
+
+        fp32 weights run under autocast in a half-precision backbone's dtype (§5.7); half weights (see
+        ``invsr_pl.utils.compile.prepare_for_inference``) run as they are, without per-call weight casts.
+        """
+        dtype = self.backbone.dtype
+        # a weightless stand-in counts as fp32
+        np_dtype = next(self.noise_predictor.parameters(), torch.empty(0)).dtype
+        half = dtype in (torch.float16, torch.bfloat16) and np_dtype == torch.float32
+        with torch.autocast(x.device.type, dtype=dtype if half else None, enabled=half):
+            return self.noise_predictor(x, index)
+
+    def _padded_rows(self, rows: int) -> int:
+        """Rows a batch of ``rows`` patches is padded to: ``rows`` itself unless :attr:`pad_batches`; then the
+        next power of two, at most ``chopping_batch``, so compiled networks see a few fixed batch sizes."""
+        if not self.pad_batches or rows >= self.chopping_batch:
+            return rows
+        return min(1 << (rows - 1).bit_length(), self.chopping_batch)
 
     # ------------------------------------------------------------------ helpers
 
@@ -269,3 +313,10 @@ def _unet_scale_factor(backbone: nn.Module) -> int:
     unet = getattr(backbone, "unet", None)
     channels = getattr(getattr(unet, "config", None), "block_out_channels", None)
     return 2 ** (len(channels) - 1) if channels else 8
+
+
+def _pad_rows(x: Tensor, rows: int) -> Tensor:
+    """Pad ``x`` (B, ...) to ``rows`` rows by repeating its last row (the extra results are dropped)."""
+    if rows == x.shape[0]:
+        return x
+    return torch.cat([x, x[-1:].expand(rows - x.shape[0], *x.shape[1:])])

@@ -59,9 +59,10 @@ def compile_for_inference(
         part.compile(mode=mode, fullgraph=True, dynamic=False)
 
 
-def is_compiled(module: nn.Module | None) -> bool:
-    """True when ``module`` or one of its submodules was compiled in place with ``nn.Module.compile``."""
-    if module is None:
+def is_compiled(module: object) -> bool:
+    """True when ``module`` (an ``nn.Module``) or one of its submodules was compiled in place with
+    ``nn.Module.compile``; False for anything else (``None``, stand-ins)."""
+    if not isinstance(module, nn.Module):
         return False
     return any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from invsr_pl.models.discriminator import TINY_DISCRIMINATOR_KWARGS, LatentDiscriminator
+from invsr_pl.models.discriminator import LatentDiscriminator
+from invsr_pl.models.tiny import TINY_DISCRIMINATOR, tiny_discriminator
 
 OFFICIAL = Path("/work/shared/reference/official_state_dicts.json")
 REPO_REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "official_state_dicts.json"
@@ -38,14 +39,13 @@ def meta_paper() -> LatentDiscriminator:
 
 
 def _tiny(seed: int = 0) -> LatentDiscriminator:
-    torch.manual_seed(seed)
-    return LatentDiscriminator(**TINY_DISCRIMINATOR_KWARGS)
+    return tiny_discriminator(seed=seed)
 
 
 def _inputs(batch: int = 2, size: int = 16, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     latent = torch.randn(batch, 4, size, size, generator=g)
-    prompt = torch.randn(batch, 7, TINY_DISCRIMINATOR_KWARGS["cross_attention_dim"], generator=g)
+    prompt = torch.randn(batch, 7, TINY_DISCRIMINATOR["cross_attention_dim"], generator=g)
     index = torch.tensor([99, 249][:batch], dtype=torch.long)
     return latent, index, prompt
 
@@ -177,7 +177,7 @@ def test_from_official_strict_roundtrip(tmp_path: Path, prefix: str, wrap: bool)
     state = {prefix + k: v for k, v in source.state_dict().items()}
     path = tmp_path / "d.pth"
     torch.save({"state_dict": state} if wrap else state, path)
-    loaded = LatentDiscriminator.from_official(path, **TINY_DISCRIMINATOR_KWARGS)
+    loaded = LatentDiscriminator.from_official(path, **TINY_DISCRIMINATOR)
     for (ka, a), (kb, b) in zip(source.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(a, b)
 
@@ -188,7 +188,7 @@ def test_from_official_safetensors(tmp_path: Path) -> None:
     source = _tiny(seed=4)
     path = tmp_path / "d.safetensors"
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
-    loaded = LatentDiscriminator.from_official(path, **TINY_DISCRIMINATOR_KWARGS)
+    loaded = LatentDiscriminator.from_official(path, **TINY_DISCRIMINATOR)
     assert torch.equal(loaded.conv_in.weight, source.conv_in.weight)
 
 
@@ -198,9 +198,9 @@ def test_from_official_is_strict(tmp_path: Path) -> None:
     path = tmp_path / "d.pth"
     torch.save(state, path)
     with pytest.raises(RuntimeError, match="feature_in.bias"):
-        LatentDiscriminator.from_official(path, **TINY_DISCRIMINATOR_KWARGS)
+        LatentDiscriminator.from_official(path, **TINY_DISCRIMINATOR)
     with pytest.raises(FileNotFoundError):
-        LatentDiscriminator.from_official(tmp_path / "missing.pth", **TINY_DISCRIMINATOR_KWARGS)
+        LatentDiscriminator.from_official(tmp_path / "missing.pth", **TINY_DISCRIMINATOR)
 
 
 def test_bad_inputs_and_config_raise_clear_errors() -> None:
@@ -211,11 +211,11 @@ def test_bad_inputs_and_config_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         model(latent, index, prompt[..., :16])
     with pytest.raises(ValueError, match="index"):
-        model(latent, index[:1], prompt)
+        model(latent, torch.tensor([99, 199, 249]), prompt)
     with pytest.raises(ValueError, match="norm_num_groups"):
-        LatentDiscriminator(**{**TINY_DISCRIMINATOR_KWARGS, "block_out_channels": (36, 32, 64)})
+        LatentDiscriminator(**{**TINY_DISCRIMINATOR, "block_out_channels": (36, 32, 64)})
     with pytest.raises(ValueError, match="layers_per_block"):
-        LatentDiscriminator(**{**TINY_DISCRIMINATOR_KWARGS, "layers_per_block": (1, 2)})
+        LatentDiscriminator(**{**TINY_DISCRIMINATOR, "layers_per_block": (1, 2)})
 
 
 def test_half_precision_prompt_is_cast_to_weight_dtype() -> None:
@@ -230,7 +230,7 @@ def test_half_precision_prompt_is_cast_to_weight_dtype() -> None:
 
 def test_attention_free_variant_runs() -> None:
     kwargs = {
-        **TINY_DISCRIMINATOR_KWARGS,
+        **TINY_DISCRIMINATOR,
         "down_block_types": ("DownBlock2D",) * 3,
         "mid_block_type": "UNetMidBlock2D",
         "up_block_types": ("UpBlock2D",) * 3,

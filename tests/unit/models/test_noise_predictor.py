@@ -11,15 +11,13 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from invsr_pl.models.noise_predictor import NoisePredictor
+from invsr_pl.models.tiny import TINY_NOISE_PREDICTOR, tiny_noise_predictor
 
 OFFICIAL = Path("/work/shared/reference/official_state_dicts.json")
-SMALL = {"block_out_channels": (32, 32), "attention_head_dim": 8, "norm_num_groups": 8, "temb_channels": 32}
 
 
 def small(**overrides) -> NoisePredictor:
-    torch.manual_seed(0)
-    kwargs = {**SMALL, "layers_per_block": 1, **overrides}
-    return NoisePredictor(**kwargs)
+    return tiny_noise_predictor(seed=0, **overrides)
 
 
 # sha256 of the sorted "key:shape" lines of official_state_dicts.json["noise_predictor"], so that the layout
@@ -104,7 +102,7 @@ def test_gradient_reaches_every_parameter() -> None:
         ({"scale": 3}, "scale=3"),
         ({"scale": 16}, "scale=16"),
         ({"scale": 0}, "positive int"),
-        ({"scale": 2}, r"block_out_channels has 2 entries.*3 widths"),
+        ({"scale": 2, "block_out_channels": (32, 32)}, r"block_out_channels has 2 entries.*3 widths"),
         ({"block_out_channels": (32,)}, r"block_out_channels has 1 entries.*2 widths"),
         ({"block_out_channels": (32, 36)}, "divisible"),
         ({"layers_per_block": (1, 1, 1)}, "layers_per_block"),
@@ -129,7 +127,7 @@ def test_official_checkpoint_roundtrip(tmp_path: Path) -> None:
     wrapped = {"state_dict": {f"module._orig_mod.{k}": v for k, v in src.state_dict().items()}}
     path = tmp_path / "noise_predictor.pth"
     torch.save(wrapped, path)
-    loaded = NoisePredictor.from_official(path, layers_per_block=1, **SMALL)
+    loaded = NoisePredictor.from_official(path, **TINY_NOISE_PREDICTOR)
     for k, v in src.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v)
     lr = torch.rand(1, 3, 8, 8)
@@ -143,16 +141,14 @@ def test_official_checkpoint_key_errors(tmp_path: Path) -> None:
     missing.pop("encoder.conv_out.bias")
     torch.save(missing, tmp_path / "missing.pth")
     with pytest.raises(RuntimeError, match=r"1 missing \[encoder.conv_out.bias\]"):
-        NoisePredictor.from_official(tmp_path / "missing.pth", layers_per_block=1, **SMALL)
+        NoisePredictor.from_official(tmp_path / "missing.pth", **TINY_NOISE_PREDICTOR)
     extra = {**state, "encoder.quant_conv.weight": torch.zeros(1)}
     torch.save(extra, tmp_path / "extra.pth")
     with pytest.raises(RuntimeError, match=r"1 unexpected \[encoder.quant_conv.weight\]"):
-        NoisePredictor.from_official(tmp_path / "extra.pth", layers_per_block=1, **SMALL)
+        NoisePredictor.from_official(tmp_path / "extra.pth", **TINY_NOISE_PREDICTOR)
     torch.save(state, tmp_path / "full.pth")
     with pytest.raises(RuntimeError, match=r"2 shape mismatches \[encoder.conv_out"):
-        NoisePredictor.from_official(
-            tmp_path / "full.pth", layers_per_block=1, **{**SMALL, "latent_channels": 3}
-        )
+        NoisePredictor.from_official(tmp_path / "full.pth", **{**TINY_NOISE_PREDICTOR, "latent_channels": 3})
     with pytest.raises(FileNotFoundError):
         NoisePredictor.from_official(tmp_path / "nope.pth")
 
@@ -161,7 +157,7 @@ def test_refuses_pickled_objects(tmp_path: Path) -> None:
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": small().state_dict(), "extra": object.__new__(_Marker)}, path)
     with pytest.raises(Exception, match="(?i)weights only|unsupported|global"):
-        NoisePredictor.from_official(path, layers_per_block=1, **SMALL)
+        NoisePredictor.from_official(path, **TINY_NOISE_PREDICTOR)
 
 
 class _Marker:

@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from invsr_pl.models import timesteps as ts
 from invsr_pl.models.sd_turbo import (
     DEFAULT_MODEL_ID,
-    NEGATIVE_PROMPT,
     POSITIVE_PROMPT,
     BackboneWeightsNotFound,
     FrozenSDTurbo,
     resolve_dtype,
 )
 from invsr_pl.models.tiny import build_tiny_sd_turbo, tiny_unet_config, tiny_vae_config
-from invsr_pl.sampling import timesteps as ts
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +26,11 @@ def tiny() -> FrozenSDTurbo:
 
 def test_prompts() -> None:
     assert POSITIVE_PROMPT.startswith("Cinematic, high-contrast") and POSITIVE_PROMPT.endswith("deformations")
-    assert "noisy,painting" in NEGATIVE_PROMPT  # INVSR_REFERENCE §7.1 quirk kept
     assert DEFAULT_MODEL_ID == "stabilityai/sd-turbo"
 
 
-def test_tiny_builds_fast_and_is_frozen() -> None:
-    start = time.perf_counter()
+def test_tiny_is_frozen() -> None:
     model = build_tiny_sd_turbo(seed=1)
-    assert time.perf_counter() - start < 1.0
     assert all(not p.requires_grad for p in model.parameters())
     assert not model.training and not any(m.training for m in model.modules())
     model.train()  # Lightning calls this on every fit/validation switch: must stay eval
@@ -120,6 +115,33 @@ def test_predict_eps_and_x0(tiny: FrozenSDTurbo) -> None:
         tiny.predict_eps(torch.randn(1, 3, 8, 8), 199)
 
 
+def test_invert_step_is_start_state_then_x0(tiny: FrozenSDTurbo) -> None:
+    """The one-step inversion: z_t = z_lq + sigma * noise, x0_hat = predict_x0(z_t); eps for a next step."""
+    g = torch.Generator().manual_seed(1)
+    z_lq, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    idx = torch.tensor([199, 99])
+    with torch.no_grad():
+        x0, eps = tiny.invert_step(z_lq, noise, idx)
+        z_t = z_lq + tiny.sigma(idx).view(-1, 1, 1, 1) * noise
+        torch.testing.assert_close(x0, tiny.predict_x0(z_t, idx), atol=0, rtol=0)
+        torch.testing.assert_close(eps, tiny.predict_eps(z_t, idx), atol=0, rtol=0)
+        single, _ = tiny.invert_step(z_lq[:1], noise[:1], 199)
+    torch.testing.assert_close(single, x0[:1])
+    noise.requires_grad_(True)
+    tiny.invert_step(z_lq, noise, idx)[0].square().mean().backward()
+    assert noise.grad is not None and noise.grad.abs().sum() > 0
+
+
+def test_encode_with_given_noise_equals_generator_draw(tiny: FrozenSDTurbo) -> None:
+    image = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        drawn = tiny.encode(image, generator=torch.Generator().manual_seed(4))
+        noise = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(4))
+        torch.testing.assert_close(tiny.encode(image, noise=noise), drawn, atol=0, rtol=0)
+        with pytest.raises(ValueError, match="noise shape"):
+            tiny.encode(image, noise=noise[:1])
+
+
 def test_gradients_flow_through_frozen_unet(tiny: FrozenSDTurbo) -> None:
     z_t = torch.randn(2, 4, 8, 8, requires_grad=True)
     tiny.predict_x0(z_t, torch.tensor([199, 99])).square().mean().backward()
@@ -158,11 +180,20 @@ def test_resolve_dtype() -> None:
 
 
 def test_offline_hub_id_fails_fast_with_instructions(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import huggingface_hub
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.perf_counter()
+    calls: list[bool] = []
+    real = huggingface_hub.snapshot_download
+
+    def recording(*args, **kwargs):
+        calls.append(bool(kwargs.get("local_files_only")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", recording)
     with pytest.raises(BackboneWeightsNotFound) as info:
         FrozenSDTurbo.from_pretrained("stabilityai/sd-turbo", cache_dir=str(tmp_path / "empty_cache"))
-    assert time.perf_counter() - start < 5.0
+    assert calls == [True]  # the local cache only: offline never waits on the network
     message = str(info.value)
     assert "stabilityai/sd-turbo" in message
     assert "model.backbone.model=/path/to/sd-turbo" in message

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import Tensor, nn
 
-from invsr_pl.sampling import timesteps as ts
+from invsr_pl.models import timesteps as ts
 from invsr_pl.sampling.sampler import STAGES, InvSRSampler
 
 
@@ -44,7 +44,9 @@ class LocalBackbone(nn.Module):
     def sigma(self, index: Tensor) -> Tensor:
         return self.sigmas[index]
 
-    def encode(self, image: Tensor, generator: torch.Generator | None = None, sample: bool = True) -> Tensor:
+    def encode(
+        self, image: Tensor, generator=None, sample: bool = True, noise: Tensor | None = None
+    ) -> Tensor:
         pooled = F.avg_pool2d(image, 8)
         return torch.cat([pooled, pooled.mean(1, keepdim=True)], dim=1)
 
@@ -55,6 +57,10 @@ class LocalBackbone(nn.Module):
         assert index.shape == (z_t.shape[0],) and index.dtype == torch.long
         self.eps_calls += 1
         return torch.zeros_like(z_t)
+
+    def invert_step(self, z_lq: Tensor, noise: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        z_t = z_lq + self.sigma(index).view(-1, 1, 1, 1) * noise
+        return z_t, self.predict_eps(z_t, index)  # eps = 0: x0_hat = z_t
 
 
 class ZeroNoisePredictor(nn.Module):
@@ -169,16 +175,9 @@ def test_one_eps_call_per_step(steps: list[int]) -> None:
 
 @pytest.fixture(scope="module")
 def tiny() -> tuple[nn.Module, nn.Module]:
-    from invsr_pl.models.noise_predictor import NoisePredictor
-    from invsr_pl.models.tiny import build_tiny_sd_turbo
+    from invsr_pl.models.tiny import build_tiny_sd_turbo, tiny_noise_predictor
 
-    backbone = build_tiny_sd_turbo(seed=0)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        noise_predictor = NoisePredictor(
-            block_out_channels=(32, 32), attention_head_dim=8, norm_num_groups=8, layers_per_block=1
-        ).eval()
-    return backbone, noise_predictor
+    return build_tiny_sd_turbo(seed=0), tiny_noise_predictor(seed=0).eval()
 
 
 def test_tiny_sampler_shapes_range_and_determinism(tiny: tuple[nn.Module, nn.Module]) -> None:

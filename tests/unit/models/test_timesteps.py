@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from invsr_pl.sampling import timesteps as ts
+from invsr_pl.models import timesteps as ts
 
 # INVSR_REFERENCE §0 [verified]: user timestep -> sigma.
 REFERENCE_SIGMAS = {50: 0.223004, 100: 0.341674, 150: 0.453819, 200: 0.569285, 250: 0.693205}
@@ -90,7 +90,6 @@ def test_to_index() -> None:
     idx = ts.to_index([200, 100])
     assert idx.dtype == torch.long and idx.tolist() == [199, 99]
     assert ts.to_index(torch.tensor([1, 1000])).tolist() == [0, 999]
-    assert ts.to_timestep(ts.to_index(250)).item() == 250
     for bad in (0, 1001, [200, 0]):
         with pytest.raises(ValueError, match="1, 1000"):
             ts.to_index(bad)
@@ -109,10 +108,40 @@ def test_ve_vp_conversions(sigmas: torch.Tensor) -> None:
     vp = abar.sqrt().view(-1, 1, 1, 1) * z0 + (1 - abar).sqrt().view(-1, 1, 1, 1) * eps
     torch.testing.assert_close(ts.scale_model_input(z_t, sigma), vp)
     torch.testing.assert_close(ts.x0_from_eps(z_t, eps, sigma), z0)
-    torch.testing.assert_close(ts.euler_step(z_t, eps, sigma, 0.0), z0)
-    half = sigma / 2
-    torch.testing.assert_close(ts.euler_step(z_t, eps, sigma, half), z0 + half.view(-1, 1, 1, 1) * eps)
     # Scalar sigma broadcasts; a wrong-length sigma is rejected.
     torch.testing.assert_close(ts.scale_model_input(z_t, 0.0), z_t)
     with pytest.raises(ValueError, match="batch"):
         ts.scale_model_input(z_t, torch.ones(3))
+
+
+def test_batch_index_rules() -> None:
+    """The one index check of the backbone, noise predictor and discriminator."""
+    assert ts.batch_index(199, 3).tolist() == [199] * 3
+    assert ts.batch_index(torch.tensor(99), 2).tolist() == [99, 99]
+    assert ts.batch_index(torch.tensor([49]), 2).tolist() == [49, 49]
+    out = ts.batch_index(torch.tensor([1, 2], dtype=torch.int32), 2)
+    assert out.dtype == torch.long and out.tolist() == [1, 2]
+    for bad in (199.0, True, torch.tensor([1.0, 2.0]), torch.tensor([True, False]), torch.tensor([1, 2, 3]),
+                torch.zeros(2, 2, dtype=torch.long)):  # fmt: skip
+        with pytest.raises(ValueError, match="index"):
+            ts.batch_index(bad, 2)
+
+
+@pytest.mark.parametrize("network", ["noise_predictor", "discriminator", "backbone"])
+def test_networks_share_the_index_rules(network: str) -> None:
+    from invsr_pl.models.tiny import build_tiny_sd_turbo, tiny_discriminator, tiny_noise_predictor
+
+    with torch.no_grad():
+        if network == "noise_predictor":
+            model, x = tiny_noise_predictor(seed=0), torch.rand(2, 3, 8, 8)
+            run = lambda index: model(x, index).mean  # noqa: E731
+        elif network == "discriminator":
+            model, x = tiny_discriminator(seed=0), torch.randn(2, 4, 8, 8)
+            run = lambda index: model(x, index, torch.randn(2, 7, 32))[0]  # noqa: E731
+        else:
+            model, x = build_tiny_sd_turbo(seed=0), torch.randn(2, 4, 8, 8)
+            run = lambda index: model.predict_eps(x, index)  # noqa: E731
+        assert run(torch.tensor([199])).shape[0] == 2  # (1,) broadcast everywhere
+        for bad in (torch.tensor([199.0, 99.0]), torch.tensor([1, 2, 3])):
+            with pytest.raises(ValueError, match="index"):
+                run(bad)
