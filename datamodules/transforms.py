@@ -10,8 +10,9 @@ and flipping keep the dtype; padding and :func:`to_float01` return ``float32`` i
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from invsr_pl.utils.padding import reflect_pad
 
 __all__ = [
     "RandomCropFlip",
@@ -38,9 +39,8 @@ def reflect_pad_to(img: Tensor, height: int, width: int) -> Tensor:
     """Pad the bottom and right edges by reflection until the image is at least ``height x width``.
 
     This is OpenCV's ``BORDER_REFLECT_101`` (edge pixel not repeated; torch calls it "reflect") on the
-    bottom/right, as in INVSR_REFERENCE §6.1 step 3. torch's reflect pad needs ``pad < side``, so a much
-    smaller image is padded in rounds; repeated reflect-101 equals OpenCV's periodic mirrored extension, so
-    the result is the same as one cv2 call. A side of 1 px cannot be reflected and is replicated.
+    bottom/right, as in INVSR_REFERENCE §6.1 step 3, by ``invsr_pl.utils.padding.reflect_pad`` (any pad size;
+    a side of 1 px is replicated).
 
     Args:
         img: (C, H, W), any dtype (converted to ``float32`` [0, 1] when padding is needed).
@@ -51,17 +51,10 @@ def reflect_pad_to(img: Tensor, height: int, width: int) -> Tensor:
     """
     if img.ndim != 3:
         raise ValueError(f"expected a (C, H, W) image, got shape {tuple(img.shape)}")
-    if img.shape[-2] >= height and img.shape[-1] >= width:
+    h, w = img.shape[-2:]
+    if h >= height and w >= width:
         return img
-    out = to_float01(img).unsqueeze(0)  # (1, C, H, W): F.pad's reflect mode needs a batch dimension
-    while out.shape[-2] < height or out.shape[-1] < width:
-        h, w = out.shape[-2:]
-        pad_h, pad_w = max(0, height - h), max(0, width - w)
-        if (pad_h and h == 1) or (pad_w and w == 1):
-            out = F.pad(out, (0, pad_w, 0, pad_h), mode="replicate")
-            continue
-        out = F.pad(out, (0, min(pad_w, w - 1), 0, min(pad_h, h - 1)), mode="reflect")
-    return out.squeeze(0)
+    return reflect_pad(to_float01(img), 0, max(0, height - h), 0, max(0, width - w))
 
 
 def random_crop(img: Tensor, size: int, generator: torch.Generator | None = None) -> Tensor:

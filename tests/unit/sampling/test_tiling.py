@@ -11,7 +11,6 @@ from invsr_pl.sampling.tiling import (
     pad_to_min_size,
     pad_to_multiple,
     patch_starts,
-    reflect_pad,
     required_multiple,
     tiled_map,
 )
@@ -24,17 +23,6 @@ def test_pad_to_min_size_keeps_the_original_at_the_reported_offset(size: tuple[i
     h, w = size
     assert padded.shape == (2, 3, max(h, 32), max(w, 32))
     assert torch.equal(padded[..., top : top + h, left : left + w], x)
-
-
-def test_reflect_pad_loops_beyond_the_image_size() -> None:
-    x = torch.arange(6.0).view(1, 1, 2, 3)
-    y = reflect_pad(x, 3, 4, 5, 2)
-    assert y.shape == (1, 1, 9, 10)
-    assert torch.equal(y[..., 3:5, 5:8], x)
-    # reflection (not replication): the row above the image mirrors the second row
-    assert torch.equal(y[..., 2, 5:8], x[..., 1, :])
-    with pytest.raises(ValueError, match=">= 0"):
-        reflect_pad(x, -1, 0, 0, 0)
 
 
 def test_pad_to_multiple_pads_bottom_right_only() -> None:
