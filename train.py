@@ -7,29 +7,54 @@
     python train.py -m experiment=smoke model.gan_weight=0,0.1   # a sweep, one run folder per job
 
 ``train(cfg)`` is the testable task; ``main`` is the Hydra shell that returns ``cfg.optimized_metric``.
+
+Exit codes (single runs; a multirun leaves failures to Hydra's sweep):
+    0    done
+    1    an unexpected error (full traceback)
+    2    setup error: config values that disagree, a missing/unreadable/unsafe ``ckpt_path`` or one that lacks
+         trainable weights, bad constructor arguments; one line, printed last
+    3    training stopped by the non-finite guard (``model.max_consecutive_nonfinite``); one line
+    143  SIGTERM (preemption, ``kill``, ``scancel``): ``checkpoints/last.ckpt`` was saved first, so
+         ``ckpt_path=last`` continues the run. Under SLURM, Lightning's requeue (requeue signal) stays on.
+Set ``HYDRA_FULL_ERROR=1`` for the full traceback of the one-line errors.
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning.pytorch as L
 import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from invsr_pl.utils.checkpoint import CheckpointMismatchError, WeightFileError
 from invsr_pl.utils.instantiate import (
     instantiate_callbacks,
     instantiate_loggers,
     instantiate_trainer,
     metric_value,
-    resolve_ckpt_path,
 )
 from invsr_pl.utils.logging import get_logger, log_hyperparameters
+from invsr_pl.utils.startup_checks import SetupError, check_checkpoint_fits, check_config
 
 log = get_logger(__name__)  # rank zero only
+
+EXIT_ERROR, EXIT_SETUP, EXIT_NONFINITE, EXIT_SIGTERM = 1, 2, 3, 143
+SETUP_ERRORS = (
+    SetupError,
+    WeightFileError,
+    CheckpointMismatchError,
+    InstantiationException,
+    FileNotFoundError,
+)
 
 # Both are by design: the frozen SD-Turbo/LPIPS stay in eval mode, and manual-optimisation checkpoints hold
 # the post-step weights together with the post-step counters (what exact resume needs).
@@ -43,12 +68,18 @@ def _floats(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
-    """Build everything from ``cfg``, fit (optionally resuming), optionally test.
+    """Check the config, build everything from ``cfg``, fit (optionally resuming), optionally test.
 
     Returns:
         metrics: ``trainer.callback_metrics`` after fit (and test) as floats, e.g. ``val/psnr_1step``.
         objects: ``cfg``, ``datamodule``, ``model``, ``callbacks``, ``loggers``, ``trainer``, ``ckpt_path``.
+
+    Raises:
+        SetupError / WeightFileError / CheckpointMismatchError: before anything is built (the checkpoint's
+            keys are checked once the model exists, before training).
+        SIGTERMException: the run got SIGTERM; ``last.ckpt`` was saved first.
     """
+    ckpt_path = check_config(cfg)  # before instantiating anything: fail in seconds, with one line
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     if cfg.get("torch_threads"):
@@ -62,10 +93,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
     log.info("Instantiating model <%s>", cfg.model._target_)
     model: L.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
+    check_checkpoint_fits(ckpt_path, model)  # Lightning's non-strict load would keep random weights
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer = instantiate_trainer(cfg.trainer, callbacks=callbacks, loggers=loggers)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), Path(cfg.paths.log_dir) / cfg.task_name)
     objects: dict[str, Any] = {
         "cfg": cfg,
         "datamodule": datamodule,
@@ -95,9 +126,39 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, objects
 
 
+def _is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _exit(code: int, err: BaseException) -> None:
+    """One readable line, printed last, then ``sys.exit(code)``; a traceback only with HYDRA_FULL_ERROR=1."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        raise err
+    message = " ".join(str(err).split()) or type(err).__name__
+    print(f"train.py: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    metrics, _ = train(cfg)
+    try:
+        metrics, _ = train(cfg)
+    except SIGTERMException:
+        print(
+            f"train.py: stopped by SIGTERM; checkpoints/last.ckpt saved, resume with ckpt_path=last "
+            f"(exit {EXIT_SIGTERM})",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.exit(EXIT_SIGTERM)
+    except SETUP_ERRORS as err:
+        if _is_multirun():
+            raise
+        _exit(EXIT_SETUP, err)
+    except RuntimeError as err:
+        if _is_multirun() or "non-finite" not in str(err):
+            raise
+        _exit(EXIT_NONFINITE, err)
     return metric_value(metrics, cfg.get("optimized_metric"))
 
 

@@ -63,14 +63,29 @@ def _is_multi_device(devices: Any, num_nodes: int) -> bool:
     return devices is not None and len(devices) > 1
 
 
+def _plugins(cfg: DictConfig) -> list[Any]:
+    """The configured trainer plugins plus :class:`callbacks.checkpoint.AtomicCheckpointIO`, unless one of
+    them already is a ``CheckpointIO`` (then the user's choice stands)."""
+    from lightning.pytorch.plugins.io import CheckpointIO
+
+    from callbacks.checkpoint import AtomicCheckpointIO
+
+    configured = cfg.get("plugins") or []
+    configured = [configured] if isinstance(configured, (Mapping, str)) else configured
+    plugins = [hydra.utils.instantiate(p) if isinstance(p, Mapping) else p for p in configured]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())  # atomic on the target file system (docs/checkpoints.md)
+    return plugins
+
+
 def instantiate_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Logger]) -> L.Trainer:
-    """The Trainer from the ``trainer`` group.
+    """The Trainer from the ``trainer`` group, with atomic checkpoint writes.
 
     ``strategy: auto`` with several devices or nodes becomes ``ddp_find_unused_parameters_true`` so that
     ``python train.py trainer.devices=8`` works (Lightning's automatic choice, plain DDP, breaks manual G/D
     steps). An explicit strategy is left alone.
     """
-    overrides: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False}
+    overrides: dict[str, Any] = {"callbacks": callbacks, "logger": loggers or False, "plugins": _plugins(cfg)}
     strategy = cfg.get("strategy", "auto")
     if strategy == "auto" and _is_multi_device(cfg.get("devices", 1), int(cfg.get("num_nodes", 1))):
         log.info("Several devices: using strategy=%s (manual G/D optimisation)", MULTI_DEVICE_STRATEGY)
@@ -79,20 +94,37 @@ def instantiate_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: l
 
 
 def find_last_checkpoint(search_dir: str | Path) -> Path | None:
-    """Newest ``last.ckpt`` (by modification time) anywhere below ``search_dir``, or None."""
+    """The newest *intact* checkpoint (by modification time) anywhere below ``search_dir``, or None.
+
+    Every ``*.ckpt`` counts (``last.ckpt`` and the periodic ones beside it); unreadable files (empty or
+    truncated by a kill, corrupt) are skipped with a warning naming them, so a broken ``last.ckpt`` falls back
+    to the newest checkpoint that loads. Leftover temporary files of interrupted writes are never considered.
+    """
+    from invsr_pl.utils.atomic import is_temporary
+    from invsr_pl.utils.checkpoint import checkpoint_problem
+
     root = Path(search_dir)
     if not root.is_dir():
         return None
-    candidates = [p for p in root.rglob("last*.ckpt") if p.is_file()]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+    candidates = [p for p in root.rglob("*.ckpt") if p.is_file() and not is_temporary(p)]
+    # newest first; at equal times last.ckpt (written after the periodic file of the same iteration)
+    candidates.sort(key=lambda p: (p.stat().st_mtime, p.name.startswith("last")), reverse=True)
+    for path in candidates:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("ckpt_path=last: skipping %s: %s", path, problem)
+    return None
 
 
 def resolve_ckpt_path(ckpt_path: str | None, search_dir: str | Path) -> str | None:
     """Turn the ``ckpt_path`` config value into what ``Trainer.fit`` takes.
 
-    ``None`` -> fresh start; ``"last"`` -> the newest ``last.ckpt`` below ``search_dir`` (the task's log
-    folder), so a fresh invocation continues the latest run, or a fresh start when there is none; any other
-    value must be an existing file (Lightning's special names ``"hpc"``/``"best"`` pass through).
+    ``None`` -> fresh start; ``"last"`` -> the newest intact checkpoint below ``search_dir`` (the task's log
+    folder, see :func:`find_last_checkpoint`), so a fresh invocation continues the latest run, or a fresh
+    start when there is none; any other value must be an existing file (Lightning's special names
+    ``"hpc"``/``"best"``/``"registry"`` pass through). Whether a file is readable and fits the model is
+    checked by ``invsr_pl.utils.startup_checks``.
     """
     if ckpt_path is None or str(ckpt_path).strip() in ("", "null", "None"):
         return None
@@ -100,7 +132,7 @@ def resolve_ckpt_path(ckpt_path: str | None, search_dir: str | Path) -> str | No
     if ckpt_path == "last":
         found = find_last_checkpoint(search_dir)
         if found is None:
-            log.warning("ckpt_path=last: no last.ckpt below %s, starting from scratch", search_dir)
+            log.warning("ckpt_path=last: no intact checkpoint below %s, starting from scratch", search_dir)
             return None
         log.info("ckpt_path=last: resuming from %s", found)
         return str(found)

@@ -1,0 +1,148 @@
+"""Start-up checks of a composed training config: fail in seconds, with one line, before anything is built.
+
+``train.py`` calls :func:`check_config` before it instantiates a data module or a model, and
+:func:`check_checkpoint_fits` once the model exists (before ``fit``). Everything raised here is a
+:class:`SetupError` (or the weight-file errors of :mod:`invsr_pl.utils.checkpoint`), which ``train.py``
+reports as one line with exit code 2 (docs/training.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from invsr_pl.utils.checkpoint import (
+    STATE_PREFIX,
+    check_trainable_keys,
+    checkpoint_problem,
+    load_checkpoint,
+)
+from invsr_pl.utils.instantiate import resolve_ckpt_path
+
+__all__ = ["SetupError", "check_checkpoint_fits", "check_config"]
+
+_NOISE_PREDICTOR_DEFAULTS = {"scale": 4, "vae_scale_factor": 8}  # NoisePredictor's constructor defaults
+
+
+class SetupError(ValueError):
+    """A training setup that cannot work (config values that disagree, a checkpoint that does not fit)."""
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    """``cfg[a][b]...`` or None when any level is absent or null (interpolations resolved)."""
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _scales(cfg: Any) -> dict[str, int]:
+    """Every SR factor the config states, by key."""
+    keys = ["scale", "model.noise_predictor.scale", "data.degradation.scale", "data.val_dataset.scale"]
+    found = {k: _get(cfg, k) for k in keys}
+    if _get(cfg, "model.noise_predictor") is not None and found["model.noise_predictor.scale"] is None:
+        found["model.noise_predictor.scale"] = _NOISE_PREDICTOR_DEFAULTS["scale"]
+    tests = _get(cfg, "data.test_datasets")
+    if isinstance(tests, Mapping):
+        for name, entry in tests.items():
+            found[f"data.test_datasets.{name}.scale"] = _get(entry, "scale")
+    elif isinstance(tests, Sequence) and not isinstance(tests, str):  # list or ListConfig
+        for i, entry in enumerate(tests):
+            found[f"data.test_datasets.{i}.scale"] = _get(entry, "scale")
+    return {k: int(v) for k, v in found.items() if v is not None}
+
+
+def check_scales(cfg: Any) -> int | None:
+    """The one SR factor of the config; raises :class:`SetupError` naming the keys when they disagree."""
+    scales = _scales(cfg)
+    if len(set(scales.values())) > 1:
+        listed = ", ".join(f"{k}={v}" for k, v in scales.items())
+        raise SetupError(
+            f"the SR scales disagree: {listed}; the degradation, the datasets and the noise predictor must "
+            "use one factor (set the top-level `scale`, e.g. scale=2)"
+        )
+    return next(iter(scales.values()), None)
+
+
+def check_gt_size(cfg: Any, scale: int | None) -> None:
+    """GT crops must map onto whole LQ pixels and whole latent pixels of the VAE (and so of the noise
+    predictor's downsampling, which ends on the latent grid)."""
+    vae = int(
+        _get(cfg, "model.noise_predictor.vae_scale_factor") or _NOISE_PREDICTOR_DEFAULTS["vae_scale_factor"]
+    )
+    multiple = math.lcm(vae, scale or 1)
+    for key in ("data.train_dataset.gt_size", "data.val_dataset.gt_size"):
+        size = _get(cfg, key)
+        if size is None:
+            continue
+        if int(size) < multiple or int(size) % multiple:
+            lower = max(multiple, int(size) // multiple * multiple)
+            raise SetupError(
+                f"{key}={size} must be a positive multiple of {multiple} (the x{scale or 1} scale and the "
+                f"VAE factor {vae}), e.g. {lower} or {lower + multiple}"
+            )
+
+
+def check_ckpt_path(cfg: Any) -> str | None:
+    """Resolve ``ckpt_path`` (``last``: the newest intact checkpoint of the task) and refuse files that cannot
+    be read or hold no trainable weights. Returns what ``Trainer.fit`` should get."""
+    search_dir = Path(str(_get(cfg, "paths.log_dir") or ".")) / str(_get(cfg, "task_name") or "")
+    try:
+        ckpt_path = resolve_ckpt_path(_get(cfg, "ckpt_path"), search_dir)
+    except FileNotFoundError as err:
+        raise SetupError(str(err)) from err
+    if ckpt_path is None or not Path(ckpt_path).is_file():
+        return ckpt_path  # a fresh start, or Lightning's "hpc"/"best"/"registry"
+    problem = checkpoint_problem(ckpt_path)
+    if problem is not None:
+        raise SetupError(f"ckpt_path: {problem}")
+    saved = load_checkpoint(ckpt_path, mmap=True)["state_dict"]
+    wanted = [STATE_PREFIX] + (["discriminator."] if _get(cfg, "model.discriminator") is not None else [])
+    for prefix in wanted:
+        if not any(k.startswith(prefix) for k in saved):
+            raise SetupError(
+                f"ckpt_path {ckpt_path} holds no {prefix}* weights; resuming would train them from random "
+                "initial values (is it an InvSR training checkpoint of this model?)"
+            )
+    return ckpt_path
+
+
+def check_config(cfg: Any) -> str | None:
+    """All start-up checks of a composed ``train.yaml`` config; nothing is instantiated.
+
+    Checks: the SR scales agree (top-level ``scale``, degradation, datasets, noise predictor); GT crop sizes
+    fit the scale and the VAE; ``ckpt_path`` resolves to a readable checkpoint with the trainable weights; the
+    batch settings divide (``invsr_pl.utils.batching.check_batch_config``).
+
+    Returns:
+        The resolved ``ckpt_path`` for ``Trainer.fit`` (None: fresh start).
+
+    Raises:
+        SetupError: one line naming the keys or the file.
+    """
+    scale = check_scales(cfg)
+    check_gt_size(cfg, scale)
+    try:
+        from invsr_pl.utils.batching import check_batch_config
+    except ImportError:  # older trees without the global-batch option
+        check_batch_config = None
+    if check_batch_config is not None:
+        try:
+            check_batch_config(cfg)
+        except ValueError as err:
+            raise SetupError(str(err)) from err
+    return check_ckpt_path(cfg)
+
+
+def check_checkpoint_fits(ckpt_path: str | None, model: nn.Module) -> None:
+    """Refuse a checkpoint that lacks or mis-shapes any trainable weight of the built ``model`` (Lightning
+    loads non-strictly here, because the frozen parts are never saved)."""
+    if ckpt_path is None or not Path(ckpt_path).is_file():
+        return
+    check_trainable_keys(load_checkpoint(ckpt_path, mmap=True), model, ckpt_path)
