@@ -16,6 +16,10 @@ Contract (any root config under conf/ can use it): the config provides
   name -> config (as in training);
 * optional ``seed`` (``seed_everything``) and ``torch_threads``.
 
+Exit codes: 0 done; 1 done, but some inputs failed (the model's ``failures`` mapping is non-empty, e.g. a
+metric that could not score some images; the tables say which); 2 setup error (a missing folder, an
+unreadable checkpoint, a bad option: one line on stderr, nothing evaluated).
+
 This file never interprets a checkpoint: a model that needs weights reads them in its constructor (for
 InvSR, ``model.ckpt_path`` in conf/evaluate.yaml). Under torchrun each process is one Lightning rank
 (``trainer.devices`` follows ``LOCAL_WORLD_SIZE``); Lightning shards the test sets; the model gathers rows.
@@ -23,6 +27,7 @@ InvSR, ``model.ckpt_path`` in conf/evaluate.yaml). Under torchrun each process i
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any
 
@@ -42,8 +47,23 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r".*does not have many workers")
 
 
+class SetupError(RuntimeError):
+    """The configuration cannot be built (exit code 2)."""
+
+
+def _root_cause(err: BaseException) -> str:
+    """``"<Type>: <first line>"`` of the innermost exception (Hydra wraps constructor errors)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
 def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Instantiate ``cfg.data``, ``cfg.model``, callbacks, loggers and the trainer, then ``trainer.test``.
+
+    Raises:
+        SetupError: ``data``, ``model``, callbacks, loggers or the trainer cannot be built (one-line reason).
 
     Returns:
         metrics: ``trainer.callback_metrics`` as floats (InvSR: ``test/<set>/<method>/<metric>``).
@@ -57,13 +77,16 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")
 
-    log.info("Instantiating datamodule <%s>", cfg.data._target_)
-    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
-    log.info("Instantiating model <%s>", cfg.model._target_)
-    model: L.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
-    callbacks = instantiate_callbacks(cfg.get("callbacks"))
-    loggers = instantiate_loggers(cfg.get("logger"))
-    trainer = instantiate_trainer(cfg.trainer, callbacks=callbacks, loggers=loggers)
+    try:
+        log.info("Instantiating datamodule <%s>", cfg.data._target_)
+        datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
+        log.info("Instantiating model <%s>", cfg.model._target_)
+        model: L.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
+        callbacks = instantiate_callbacks(cfg.get("callbacks"))
+        loggers = instantiate_loggers(cfg.get("logger"))
+        trainer = instantiate_trainer(cfg.trainer, callbacks=callbacks, loggers=loggers)
+    except Exception as err:  # nothing has run yet: say what is wrong in one line
+        raise SetupError(_root_cause(err)) from err
 
     trainer.test(model=model, datamodule=datamodule)
     metrics = {
@@ -78,7 +101,13 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    try:
+        _, objects = evaluate(cfg)
+    except SetupError as err:
+        print(f"evaluate.py: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if getattr(objects["model"], "failures", None):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

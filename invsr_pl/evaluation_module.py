@@ -115,6 +115,7 @@ class InvSREvaluation(L.LightningModule):
         self.test_metrics = nn.ModuleDict()  # set name -> method position -> column -> ImageQualityMetric
         self.output_dir = Path(output_dir)
         self.results: dict[str, Any] = {}
+        self.failures: dict[str, str] = {}  # "<metric> (<set>/<method>)" -> images it failed on (exit code 1)
         self._rows: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ set-up
@@ -201,8 +202,8 @@ class InvSREvaluation(L.LightningModule):
     # ------------------------------------------------------------------ results
     def on_test_epoch_end(self) -> None:
         rows = E.merge_gathered(self._all_gather_objects(self._rows))
-        unavailable = dict(self.metric_set.unavailable)
-        summary, logs = [], {}
+        self.failures = {}
+        summary, logs, fid_missing = [], {}, {}
         world = self.trainer.world_size
         for bench_idx, bench in enumerate(self._test_names()):
             for position, method in enumerate(self.methods):
@@ -215,10 +216,12 @@ class InvSREvaluation(L.LightningModule):
                     failed = [r for r in mine if r["errors"].get(key)]
                     if failed:
                         first = f"{failed[0]['name']}: {failed[0]['errors'][key]}"
-                        unavailable[f"{key} ({bench}/{label})"] = f"failed on {len(failed)} image(s): {first}"
+                        self.failures[f"{key} ({bench}/{label})"] = (
+                            f"failed on {len(failed)} image(s): {first}"
+                        )
                 if "fid" in self.metric_set.specs:
                     means["fid"] = (
-                        self._fid(bench, bench_idx, label, unavailable) if self.global_rank == 0 else None
+                        self._fid(bench, bench_idx, label, fid_missing) if self.global_rank == 0 else None
                     )
                 wall = max(sum(r["seconds"] for r in mine if r["rank"] == q) for q in range(world))
                 stats = E.latency_summary([r["seconds"] for r in mine], wall_seconds=wall)
@@ -228,7 +231,7 @@ class InvSREvaluation(L.LightningModule):
                 )
                 logs |= {f"test/{bench}/{label}/{k}": v for k, v in means.items() if v is not None}
         self.log_dict(logs, rank_zero_only=True)
-        self.results = self._write(summary, rows, unavailable)
+        self.results = self._write(summary, rows, self.metric_set.unavailable | self.failures | fid_missing)
 
     @property
     def headers(self) -> dict[str, str]:

@@ -230,6 +230,39 @@ def test_table1_study_composes_to_the_paper_rows(tmp_path: Path) -> None:
         EM.study_methods([{"num_steps": 1}, {"timesteps": [200]}])  # both are "InvSR-1"
 
 
+def test_setup_errors_are_one_line(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, "benchmark=[samples,realsr]")  # no RealSR folder under paths.data_dir
+    with pytest.raises(ev.SetupError) as info:
+        ev.evaluate(cfg)
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path / "data" / "RealSR") in message, message
+
+
+def test_images_a_metric_fails_on_are_failures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    build = EM.M.build_metric_set
+
+    def ssim_fails(*args, **kwargs):
+        metric_set = build(*args, **kwargs)
+        metric_set.scorers["ssim"] = _Broken()
+        return metric_set
+
+    monkeypatch.setattr(EM.M, "build_metric_set", ssim_fails)
+    cfg = make_cfg(tmp_path, "metrics=fidelity", "output.plot=false", "model.bicubic=false")
+    _, objects = ev.evaluate(cfg)
+    model = objects["model"]
+    assert list(model.failures) == ["ssim (samples/InvSR-1)"]  # main() exits with code 1
+    reason = model.failures["ssim (samples/InvSR-1)"]
+    assert reason == "failed on 2 image(s): astronaut: RuntimeError: image too small"
+    row = model.results["summary"][0]
+    assert math.isnan(row["ssim"]) and row["psnr"] > 0  # left out of the mean; the other metric is there
+    assert "unavailable: ssim (samples/InvSR-1): failed on 2" in (tmp_path / "out" / "report.txt").read_text()
+
+
+class _Broken(torch.nn.Module):
+    def forward(self, *images):
+        raise RuntimeError("image too small")
+
+
 def test_benchmarks_are_test_sets_of_the_data_module(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, "benchmark=[samples,realset80]")
     assert list(cfg.data.test_datasets) == ["samples", "realset80"]
