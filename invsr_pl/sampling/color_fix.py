@@ -1,8 +1,9 @@
 """Colour correction of an SR result against the upsampled LR image (INVSR_REFERENCE §5.6).
 
-All functions take float tensors (B, 3, H, W) in [0, 1] (``sr`` and its same-size reference ``ref``) and
-return float32 (B, 3, H, W) in [0, 1]. The reference must be *aligned* with ``sr``: build it with
-:func:`upsample_reference` from the unpadded LR (the official code used the padded LR, §7.7 quirk 2).
+All functions take float tensors (B, 3, H, W) (``sr`` in [0, 1] and its same-size reference ``ref``, about
+[0, 1], see :func:`upsample_reference`) and return float32 (B, 3, H, W) in [0, 1]. The reference must be
+*aligned* with ``sr``: build it with :func:`upsample_reference` from the unpadded LR (the official code used
+the padded LR, §7.7 quirk 2).
 """
 
 from __future__ import annotations
@@ -119,11 +120,11 @@ def upsample_reference(lr: Tensor, size: tuple[int, int]) -> Tensor:
     """The colour reference: ``lr`` (B, 3, h, w) in [0, 1] bicubic-resized (antialias) to ``size`` = (H, W).
 
     Use the unpadded LR and the unpadded SR size so the reference is aligned (§5.6; §7.7 quirk 2 fixed).
-    Returns float32 in [0, 1].
+    Returns float32, *not* clamped: bicubic overshoots [0, 1] slightly at edges and, as in the official
+    code, the overshoot goes into the wavelet and YCbCr fixes unchanged (their outputs are clamped). A
+    caller that shows or scores this image as a bicubic baseline clamps it itself.
     """
-    return F.interpolate(lr.float(), size=size, mode="bicubic", align_corners=False, antialias=True).clamp(
-        0, 1
-    )
+    return F.interpolate(lr.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
 
 
 def apply_color_fix(sr: Tensor, lq_up: Tensor, method: str = "none") -> Tensor:

@@ -81,6 +81,17 @@ def test_none_is_identity_and_unknown_method_errors(photo: torch.Tensor) -> None
         apply_color_fix(photo, photo[..., :64], "wavelet")
 
 
-def test_upsample_reference_shape_and_range(photo: torch.Tensor) -> None:
-    ref = upsample_reference(photo[..., :30, :17], (120, 68))
-    assert ref.shape == (1, 3, 120, 68) and ref.min() >= 0 and ref.max() <= 1
+def test_upsample_reference_is_unclamped_antialiased_bicubic(photo: torch.Tensor) -> None:
+    """As the official code: the bicubic overshoot reaches the colour fixes unclamped; their outputs clamp."""
+    lr = photo[..., :30, :17]
+    ref = upsample_reference(lr, (120, 68))
+    want = torch.nn.functional.interpolate(lr, size=(120, 68), mode="bicubic", antialias=True)
+    assert ref.shape == (1, 3, 120, 68) and ref.dtype == torch.float32
+    torch.testing.assert_close(ref, want, atol=0, rtol=0)
+    step = torch.zeros(1, 3, 8, 8)
+    step[..., 4:] = 1.0  # a hard edge: bicubic rings beyond [0, 1]
+    ringing = upsample_reference(step, (32, 32))
+    assert ringing.min() < 0 and ringing.max() > 1
+    for method in ("wavelet", "ycbcr", "adain"):
+        out = apply_color_fix(torch.full_like(ringing, 0.5), ringing, method)
+        assert out.min() >= 0 and out.max() <= 1
