@@ -25,9 +25,9 @@ from torch import Tensor, nn
 
 from invsr_pl import evaluation as E
 from invsr_pl import metrics as M
+from invsr_pl.models.timesteps import default_timesteps, validate_timesteps
 from invsr_pl.sampling.color_fix import upsample_reference
 from invsr_pl.sampling.sampler import InvSRSampler
-from invsr_pl.sampling.timesteps import default_timesteps, validate_timesteps
 from invsr_pl.utils.checkpoint import load_noise_predictor
 from invsr_pl.utils.images import write_image
 
