@@ -9,6 +9,7 @@ Set ``INVSR_DEMO_SCREENSHOT=docs/demo.png`` to save the page after the browser t
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -181,6 +182,15 @@ def test_cli_setup_errors_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: P
     assert "--noise-predictor is required" in capsys.readouterr().err
 
 
+def test_cli_port_in_use_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert demo_cli.main(["--backbone", "tiny", "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------- served
 
 
@@ -244,7 +254,9 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoServer
     server = DemoServer(tmp_path_factory.mktemp("demo_server"))
     yield server
     server.stop()
-    assert server.process.returncode is not None
+    assert server.process.returncode == 0, server.log()  # SIGTERM stops it cleanly...
+    workdir = re.search(r"results are kept for an hour under (\S+)", server.log())
+    assert workdir and not Path(workdir.group(1)).exists()  # ...and removes its work folder
 
 
 def _chromium() -> str | None:
