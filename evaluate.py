@@ -41,8 +41,8 @@ from invsr_pl.utils.logging import get_logger
 
 log = get_logger(__name__)  # rank zero only
 
-# By design: frozen networks (backbone, metric models) stay in eval mode; test sets of one image per rank
-# are fine.
+# By design: frozen networks (backbone, metric models) stay in eval mode, and small benchmark loaders run
+# without worker processes.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 warnings.filterwarnings("ignore", message=r".*does not have many workers")
 
