@@ -29,8 +29,11 @@ __all__ = [
     "SweepSummaryError",
     "build_summary",
     "find_jobs",
+    "natural_key",
+    "override_key",
     "read_job",
     "read_logged_metrics",
+    "resolve_mode",
 ]
 
 JOB_RECORD = "sweep_job.json"  # written into each job's folder by SweepSummaryCallback.on_job_end
