@@ -36,7 +36,7 @@ def _compiled_parts(backbone: nn.Module, noise_predictor: nn.Module | None) -> l
 
 
 def compile_for_inference(
-    backbone: nn.Module, noise_predictor: nn.Module | None, mode: str = "default"
+    backbone: nn.Module, noise_predictor: nn.Module | None, mode: str = "default", backend: str = "inductor"
 ) -> None:
     """``nn.Module.compile`` the noise predictor, UNet, VAE encoder and VAE decoder in place.
 
@@ -49,6 +49,8 @@ def compile_for_inference(
         noise_predictor: ``NoisePredictor`` (its ``.encoder`` body is compiled) or ``None``.
         mode: one of :data:`COMPILE_MODES`. ``"reduce-overhead"`` captures CUDA graphs (GPU only); do not keep
             a network output across the next call of the same network (the sampler never does).
+        backend: torch.compile backend; ``"inductor"`` generates the fast kernels, ``"aot_eager"`` only
+            captures the graphs (quick: checks that everything compiles as one graph, no speed-up).
 
     Raises:
         ValueError: unknown ``mode``. At the first call, torch raises when no C++ compiler is installed (CPU).
@@ -56,7 +58,10 @@ def compile_for_inference(
     if mode not in COMPILE_MODES:
         raise ValueError(f"unknown compile mode {mode!r}; choose one of {', '.join(COMPILE_MODES)}")
     for part in _compiled_parts(backbone, noise_predictor):
-        part.compile(mode=mode, fullgraph=True, dynamic=False)
+        if backend == "inductor":
+            part.compile(mode=mode, fullgraph=True, dynamic=False)
+        else:  # the other backends take no mode
+            part.compile(backend=backend, fullgraph=True, dynamic=False)
 
 
 def is_compiled(module: object) -> bool:
