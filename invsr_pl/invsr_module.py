@@ -28,7 +28,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from invsr_pl.evaluation import batch_positions, sr_generator
 from invsr_pl.losses.adversarial import clamp_fake, generator_adv_loss, hinge_d_loss
-from invsr_pl.metrics import VALIDATION_PROTOCOL, build_metric_set, load_protocol, score_images
+from invsr_pl.metrics import VALIDATION_PROTOCOL, MetricSet, build_metric_set, load_protocol, score_images
 from invsr_pl.sampling.color_fix import upsample_reference
 from invsr_pl.sampling.sampler import InvSRSampler
 from invsr_pl.sampling.timesteps import to_index, validate_timesteps
@@ -330,19 +330,23 @@ class InvSRLitModule(L.LightningModule):
 
     # ------------------------------------------------------------------ other hooks
     def setup(self, stage: str) -> None:
-        if self.val_metrics is None:
-            self.val_metrics = self._metric_set()
-        if stage == "test" and not len(self.test_metrics):
-            self.test_metrics.extend(self._metric_set() for _ in self._test_names())
-
-    def _metric_set(self) -> nn.ModuleDict:
-        """{"<n>step" | "bicubic": {"psnr" | "ssim" | "lpips_vgg": ImageQualityMetric}} from the one metric
-        factory and the evaluation protocol; LPIPS-VGG only with ``val_lpips`` and its weights on disk (no
-        download; otherwise a warning says which file is missing)."""
+        test = stage == "test" and not len(self.test_metrics)
+        if self.val_metrics is not None and not test:
+            return
+        # the evaluation protocol's scorers, built once (never downloading) and shared by every metric set
         names = ["psnr", "ssim"] + (["lpips_vgg"] if self.hparams.val_lpips else [])
         metric_set = build_metric_set(load_protocol(VALIDATION_PROTOCOL), names)
         for key, reason in metric_set.unavailable.items():
             rank_zero_warn(f"validation metric {key} is not computed: {reason}")
+        if self.val_metrics is None:
+            self.val_metrics = self._metric_set(metric_set)
+        if test:
+            self.test_metrics.extend(self._metric_set(metric_set) for _ in self._test_names())
+
+    def _metric_set(self, metric_set: MetricSet) -> nn.ModuleDict:
+        """{"<n>step" | "bicubic": {"psnr" | "ssim" | "lpips_vgg": ImageQualityMetric}}: fresh metrics of the
+        one factory (``evaluate.py`` scores with the same); LPIPS-VGG only with ``val_lpips`` and its weights
+        on disk (otherwise a warning names the missing file)."""
         labels = [f"{n}step" for n in self.val_num_steps] + ["bicubic"]
         return nn.ModuleDict({label: metric_set.metrics(paired=True) for label in labels})
 
