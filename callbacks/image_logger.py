@@ -22,7 +22,8 @@ class ValidationImageLogger(L.Callback):
     ``"gt"`` (N,3,H,W).
     Each grid row is one image: LQ upsampled bicubically to (H,W) | SR for each step count (ascending) | GT.
     The grid goes to every TensorBoard logger as ``val/lq_sr_gt`` (other loggers, e.g. CSV, are skipped) and,
-    with ``save_png``, to ``<output_dir>/images/val/step_<global_step>.png``.
+    with ``save_png``, to ``<output_dir>/images/val/iter_<iteration>.png``; both labelled with the module's
+    InvSR iteration (``pl_module.iteration``; ``trainer.global_step`` counts G and D steps).
 
     Args:
         max_images: rows per grid (the first images of the stored batch).
@@ -76,14 +77,15 @@ class ValidationImageLogger(L.Callback):
         if (self._validations - 1) % self.every_n_validations:
             return
         grid, _ = self.build_grid(images, self.max_images)
-        step = trainer.global_step
+        # labelled in InvSR iterations (one G + one D step), not trainer.global_step (docs/training.md)
+        step = int(getattr(pl_module, "iteration", trainer.global_step))
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("val/lq_sr_gt", grid, global_step=step)
         if self.save_png:
             folder = Path(self.output_dir or trainer.default_root_dir) / "images" / "val"
             folder.mkdir(parents=True, exist_ok=True)
-            self.last_png = folder / f"step_{step:07d}.png"
+            self.last_png = folder / f"iter_{step:07d}.png"
             save_image(grid, self.last_png)
 
     def state_dict(self) -> dict[str, Any]:

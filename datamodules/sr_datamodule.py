@@ -16,22 +16,24 @@ degradation generator state and the pair pool of every rank are saved in checkpo
 from __future__ import annotations
 
 import functools
+import os
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from datamodules.datasets import SeededDataset
 from datamodules.degradation.pair_pool import TrainingPairPool
+from invsr_pl.utils.batching import BatchPlan, derive_batch
 from invsr_pl.utils.seeding import stable_seed
 
-__all__ = ["SRDataModule", "seed_worker"]
+__all__ = ["SRDataModule", "check_data_folders", "seed_worker"]
 
 DatasetSpec = Dataset | Callable[[], Dataset] | Mapping | None
 
@@ -138,6 +140,71 @@ def _build(spec: DatasetSpec, what: str) -> Dataset | None:
     raise TypeError(f"{what} must be a Dataset, a factory or a Hydra config, got {type(spec).__name__}")
 
 
+# Folder-valued dataset keys and what each must hold (the layout stated by check_data_folders' message).
+_FOLDER_KEYS = {
+    "root": "HR training images (PNG/JPEG/WebP, searched recursively)",
+    "file_list": "a text file listing image paths, one per line",
+    "lq_dir": "low-resolution validation images",
+    "gt_dir": "the matching high-resolution images (same file stems, scale x the LQ size)",
+}
+
+
+def _folder_entries(node: Any, key: str) -> Iterator[tuple[str, Any]]:
+    """(dotted config key, value) of every folder-valued key below ``node``; ``"???"`` for unset ones."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(node, DictConfig):
+        for k in node:
+            child = f"{key}.{k}"
+            if k in _FOLDER_KEYS and OmegaConf.is_missing(node, k):
+                yield child, "???"
+            elif k in _FOLDER_KEYS and isinstance(node[k], str):
+                yield child, node[k]
+            elif not OmegaConf.is_missing(node, k):
+                yield from _folder_entries(node[k], child)
+    elif isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            yield from _folder_entries(item, f"{key}.{i}")
+
+
+def check_data_folders(cfg: Any) -> None:
+    """Start-up check (before any model is built): every data folder in ``cfg.data`` exists.
+
+    Looks at the ``root`` / ``file_list`` / ``lq_dir`` / ``gt_dir`` keys of the train, validation and test
+    datasets, so the paper recipe on a machine without its data stops in seconds, not after building
+    SD-Turbo.
+
+    Raises:
+        FileNotFoundError: one message naming every missing or unset folder with its config key, what the
+            folder must hold, and how to point elsewhere (``paths.data_dir``, the keys themselves, or
+            ``experiment=quickstart`` for the built-in photos).
+    """
+    data = cfg.get("data") if hasattr(cfg, "get") else None
+    if data is None:
+        return
+    missing = []
+    for section in ("train_dataset", "val_dataset", "test_datasets"):
+        if section in data and data.get(section) is not None:
+            for key, value in _folder_entries(data[section], f"data.{section}"):
+                if value == "???" or not os.path.exists(os.path.expanduser(str(value))):
+                    what = _FOLDER_KEYS[key.rsplit(".", 1)[-1]]
+                    shown = "(not set)" if value == "???" else value
+                    missing.append(f"  {key} = {shown}\n      expected: {what}")
+    if missing:
+        data_dir = cfg.get("paths", {}).get("data_dir", "data") if hasattr(cfg, "get") else "data"
+        raise FileNotFoundError(
+            "training data not found:\n"
+            + "\n".join(missing)
+            + f"\nThe paper recipe reads below paths.data_dir ({data_dir}):\n"
+            "  LSDIR/train/images/**/*.png   FFHQ/images1024x1024/**/*.png   imagenet512/{lq,gt}/*.png\n"
+            "Point elsewhere with paths.data_dir=/your/data, or set the keys above, e.g.\n"
+            "  python train.py data=paired data.train_dataset.sources.0.root=/data/hr "
+            "data.val_dataset.lq_dir=/data/val/lq data.val_dataset.gt_dir=/data/val/gt\n"
+            "Validation pairs from HR images: python -m datamodules.make_testset --input HR --output OUT\n"
+            "No data at hand? python train.py experiment=quickstart trains on the built-in photos."
+        )
+
+
 class SRDataModule(LightningDataModule):
     """Data for InvSR training and evaluation. Keyword arguments map one-to-one to ``conf/data/*.yaml``.
 
@@ -149,14 +216,16 @@ class SRDataModule(LightningDataModule):
             :attr:`test_names` gives the names. ``None`` tests on ``val_dataset`` (named ``"val"``).
         degradation: ``RealESRGANDegradation`` (or any module with its ``forward(gt, generator)``) applied on
             the device to training batches. ``None`` needs a train set that yields LQ itself.
-        batch_size: training batch per device (the paper: 64 in all, i.e. 64 / #GPUs, §4.1).
+        global_batch_size: training images per iteration over all devices (the paper: 64, §4.1). Each
+            device loads ``global_batch_size / world_size`` (:func:`invsr_pl.utils.batching.derive_batch`,
+            applied at ``setup`` from the trainer's world size; 1 without a trainer), see :attr:`batch_plan`.
         val_batch_size, test_batch_size: 1 by default, because full-size sets mix image sizes.
         num_workers: training DataLoader workers.
         val_num_workers: workers for validation/test loaders; ``None`` = ``num_workers``.
         pin_memory: pin host memory for faster copies to the GPU.
         persistent_workers: keep workers between epochs (only when there are workers).
-        pair_pool_size: size of the training pair pool (§4.2 step 4); ``None`` = 10 x ``batch_size`` as in the
-            paper, 0 = no pool.
+        pair_pool_size: size of the training pair pool (§4.2 step 4); ``None`` = 10 x the per-device batch
+            as in the paper, 0 = no pool.
         seed: base of every data random stream (see the module docstring).
         drop_last: drop the last incomplete training batch (the paper does).
     """
@@ -167,7 +236,7 @@ class SRDataModule(LightningDataModule):
         val_dataset: DatasetSpec = None,
         test_datasets: Mapping[str, DatasetSpec] | None = None,
         degradation: nn.Module | None = None,
-        batch_size: int = 8,
+        global_batch_size: int = 8,
         val_batch_size: int = 1,
         test_batch_size: int = 1,
         num_workers: int = 4,
@@ -180,7 +249,7 @@ class SRDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["train_dataset", "val_dataset", "test_datasets", "degradation"])
-        for name, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+        for name, value in (("global_batch_size", global_batch_size), ("val_batch_size", val_batch_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if test_batch_size < 1:
@@ -194,7 +263,7 @@ class SRDataModule(LightningDataModule):
         self._val_set: Dataset | None = None
         self._test_sets: dict[str, Dataset] | None = None
         self.degradation = degradation
-        self.batch_size = int(batch_size)
+        self.global_batch_size = int(global_batch_size)
         self.val_batch_size = int(val_batch_size)
         self.test_batch_size = int(test_batch_size)
         self.num_workers = int(num_workers)
@@ -203,11 +272,9 @@ class SRDataModule(LightningDataModule):
         self.persistent_workers = bool(persistent_workers)
         self.seed = int(seed)
         self.drop_last = bool(drop_last)
-        # INVSR_REFERENCE §4.2 step 4: the queue holds 10 x the per-GPU batch unless configured.
-        self.pair_pool_size = 10 * self.batch_size if pair_pool_size is None else int(pair_pool_size)
+        self._pair_pool_setting = pair_pool_size
         self.pair_pool: TrainingPairPool | None = None
-        if self.pair_pool_size > 0:
-            self.pair_pool = TrainingPairPool(size=self.pair_pool_size)
+        self._plan_batch(1)  # one process until setup() knows the trainer's world size
         self._generator: torch.Generator | None = None
         self._degradation_device: torch.device | None = None
         self._pending_generator: dict[str, Any] | None = None
@@ -215,6 +282,20 @@ class SRDataModule(LightningDataModule):
         self._epoch = -1  # training epoch being drawn (-1: none yet), and batches of it that reached training
         self._consumed = 0
         self._resume_position: tuple[int, int] | None = None
+
+    def _plan_batch(self, world_size: int) -> None:
+        """Derive the per-device batch (and the pair pool that depends on it) for ``world_size`` processes."""
+        micro = None
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is not None:
+            micro = getattr(module, "hparams", {}).get("micro_batch_size")
+        self.batch_plan: BatchPlan = derive_batch(self.global_batch_size, int(world_size), micro)
+        self.batch_size = self.batch_plan.per_device_batch_size  # the training DataLoader's batch
+        # §4.2 step 4: the queue holds 10 x the per-GPU batch unless configured.
+        setting = self._pair_pool_setting
+        self.pair_pool_size = 10 * self.batch_size if setting is None else int(setting)
+        if self.pair_pool is None or self.pair_pool.size != self.pair_pool_size:
+            self.pair_pool = TrainingPairPool(size=self.pair_pool_size) if self.pair_pool_size > 0 else None
 
     # ---------------------------------------------------------------------------------------- datasets
     @property
@@ -245,8 +326,11 @@ class SRDataModule(LightningDataModule):
         return list(self.test_sets)
 
     def setup(self, stage: str | None = None) -> None:
-        if stage == "fit" and self.train_set is None:
-            raise ValueError("SRDataModule needs a train_dataset to fit")
+        if stage == "fit":
+            if self.train_set is None:
+                raise ValueError("SRDataModule needs a train_dataset to fit")
+            self._plan_batch(self.trainer.world_size if self.trainer is not None else 1)
+            rank_zero_info(f"Batch: {self.batch_plan.describe()}")
         if stage in (None, "fit", "validate"):
             _ = self.val_set
         if stage in (None, "test", "predict"):
@@ -425,4 +509,4 @@ class SRDataModule(LightningDataModule):
             self._resume_position = (int(state_dict["epoch"]), int(state_dict["consumed"]))
         self._generator = None
         self._pending_generator = local.get("generator")
-        self._pending_pool = local.get("pair_pool") if self.pair_pool is not None else None
+        self._pending_pool = local.get("pair_pool") if self.pair_pool_size > 0 else None

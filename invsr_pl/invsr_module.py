@@ -14,8 +14,9 @@ optimisers; the official trainer keeps two, §4.5.)
 from __future__ import annotations
 
 import math
+import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,7 @@ from invsr_pl.metrics import VALIDATION_PROTOCOL, MetricSet, build_metric_set, l
 from invsr_pl.sampling.color_fix import upsample_reference
 from invsr_pl.sampling.sampler import InvSRSampler
 from invsr_pl.sampling.timesteps import to_index, validate_timesteps
+from invsr_pl.utils.checkpoint import read_state_dict
 from invsr_pl.utils.seeding import stable_seed
 
 if TYPE_CHECKING:
@@ -87,6 +89,9 @@ class InvSRLitModule(L.LightningModule):
         chopping_size: int = 128,
         val_lpips: bool = True,
         val_keep_images: int = 4,
+        noise_predictor_init: str | None = None,
+        discriminator_init: str | None = None,
+        compile: bool | Mapping[str, Any] = False,
     ) -> None:
         super().__init__()
         if lpips is None and lpips_weight > 0:
@@ -98,10 +103,15 @@ class InvSRLitModule(L.LightningModule):
         self.automatic_optimization = False
         self.strict_loading = False  # checkpoints hold no backbone/LPIPS weights (ARCHITECTURE fact 7)
         self.backbone = backbone.requires_grad_(False).eval()  # frozen before DDP wraps (ARCHITECTURE fact 6)
-        if gradient_checkpointing:
-            self.backbone.enable_gradient_checkpointing()  # §4.5: the UNet is checkpointed in training
         self.noise_predictor = noise_predictor
         self.discriminator = discriminator
+        if gradient_checkpointing:  # the UNet and D are checkpointed in training, as the reference trainer
+            self.backbone.enable_gradient_checkpointing()
+            if discriminator is not None:
+                discriminator.enable_gradient_checkpointing()
+        self._load_init_weights(noise_predictor_init, discriminator_init)
+        if compile:
+            self._compile({} if compile is True else dict(compile))
         self.lpips = lpips.requires_grad_(False).eval() if lpips is not None else None
         # §4.4: AdamW for G; Adam with coupled weight decay for D; lr 5e-5, default betas.
         self.optimizer_g = optimizer_g or partial(torch.optim.AdamW, lr=5e-5, weight_decay=0.0)
@@ -150,10 +160,19 @@ class InvSRLitModule(L.LightningModule):
         # §4.3 step 1: one starting timestep per sample, uniform over the configured set
         choice = torch.randint(len(self.train_timesteps), (lq.shape[0],), generator=gen, device=self.device)
         index = self.train_indices[choice]  # (B,) long diffusion index = t - 1
-        # §4.3 step 8 / §4.4: G gets the adversarial term after the D warm-up; D trains from iteration 1
+        scale = getattr(self.noise_predictor, "scale", None)
+        if scale is not None and tuple(gt.shape[-2:]) != (lq.shape[-2] * scale, lq.shape[-1] * scale):
+            raise ValueError(
+                f"training pair LQ {tuple(lq.shape[-2:])} / GT {tuple(gt.shape[-2:])} is not x{scale} (the "
+                "noise predictor's scale): data.degradation.scale and model.noise_predictor.scale differ; "
+                "set both with the top-level `scale` key"
+            )
+        # §4.3 step 8 / §4.4: G gets the adversarial term after the D warm-up; D trains from iteration 1,
+        # every iteration during the warm-up (k < dis_warmup_steps, as the reference) and then every
+        # dis_update_freq-th iteration (docs/training.md)
         adversarial = self.discriminator is not None and hp.gan_weight > 0 and k > hp.dis_warmup_steps
         fakes = self._generator_step(lq, gt, index, gen, adversarial)
-        update_d = k <= hp.dis_warmup_steps or k % hp.dis_update_freq == 0
+        update_d = k < hp.dis_warmup_steps or k % hp.dis_update_freq == 0
         update_d = update_d and self.discriminator is not None
         d_ok = self._discriminator_step(fakes, lq.shape[0]) if update_d and fakes is not None else True
         if fakes is not None:
@@ -398,6 +417,38 @@ class InvSRLitModule(L.LightningModule):
         self.iteration = int(checkpoint.get("invsr_iteration", 0))
         self.skipped_steps = int(checkpoint.get("invsr_skipped_steps", 0))
         self.consecutive_nonfinite = int(checkpoint.get("invsr_consecutive_nonfinite", 0))
+
+    # ------------------------------------------------------------------ initial weights, compile
+    def _load_init_weights(self, noise_predictor_init: str | None, discriminator_init: str | None) -> None:
+        """Start from released weights (official layout, strict), e.g. ``noise_predictor_sd_turbo_v5.pth``.
+
+        Only the weights: optimiser, schedule and iteration count start fresh (resuming is ``ckpt_path``).
+        """
+        inits = {"noise_predictor_init": noise_predictor_init, "discriminator_init": discriminator_init}
+        for key, path in inits.items():
+            if path is not None and not os.path.isfile(os.path.expanduser(str(path))):
+                raise FileNotFoundError(
+                    f"model.{key}={path} not found: put the weight file there (the released files are "
+                    "noise_predictor_sd_turbo_v5.pth / discriminator_sd_turbo_v5.pth in paths.weights_dir), "
+                    f"or set model.{key}=null to start from random weights"
+                )
+        if noise_predictor_init is not None:
+            self.noise_predictor.load_checkpoint(os.path.expanduser(str(noise_predictor_init)))
+        if discriminator_init is not None:
+            if self.discriminator is None:
+                raise ValueError("model.discriminator_init is set but the model has no discriminator")
+            # the strict loader of LatentDiscriminator.from_official, applied to the configured instance
+            state = read_state_dict(os.path.expanduser(str(discriminator_init)), "discriminator checkpoint")
+            self.discriminator.load_state_dict(state, strict=True)
+
+    def _compile(self, options: dict[str, Any]) -> None:
+        """``torch.compile`` the noise predictor, UNet and discriminator in place (``nn.Module.compile``), so
+        parameter names and state-dict keys stay free of ``_orig_mod.`` (docs/training.md). ``options`` are
+        ``torch.compile`` kwargs (``mode``, ``backend``, ...); training shapes are fixed crops."""
+        parts = [self.noise_predictor, getattr(self.backbone, "unet", None), self.discriminator]
+        for part in parts:
+            if part is not None:
+                part.compile(**options)
 
     # ------------------------------------------------------------------ helpers
     def _optimizers(self) -> list:

@@ -23,7 +23,7 @@ def _dm(pool: int = 0, seed: int = 0, repeat: int = 3, test_datasets=None) -> SR
         val_dataset=SamplePairs(names=["chelsea"], gt_size=64, lq_mode="bicubic"),
         test_datasets=test_datasets,
         degradation=RealESRGANDegradation(scale=4),
-        batch_size=2,
+        global_batch_size=2,
         num_workers=0,
         pin_memory=False,
         persistent_workers=True,  # ignored without workers

@@ -29,7 +29,7 @@ def _assert_run_outputs(run_dir: Path) -> dict[str, Any]:
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_file(), f"no checkpoint in {run_dir}"
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard event file"
-    assert list((run_dir / "images" / "val").glob("step_*.png")), "no validation image grid"
+    assert list((run_dir / "images" / "val").glob("iter_*.png")), "no validation grid labelled in iterations"
     ckpt = _load(last)
     assert EMA_CHECKPOINT_KEY in ckpt
     assert not any(k.startswith("backbone.") for k in ckpt["state_dict"]), "frozen SD-Turbo in the checkpoint"
@@ -66,6 +66,7 @@ def test_image_logger_without_tensorboard(tmp_path: Path) -> None:
     from callbacks.image_logger import ValidationImageLogger
 
     module = L.LightningModule()
+    module.iteration = 7  # InvSR iterations label the grids, not trainer.global_step
     module.last_val_images = {
         "lq": torch.rand(2, 3, 8, 8),
         "gt": torch.rand(2, 3, 32, 32),
@@ -74,7 +75,7 @@ def test_image_logger_without_tensorboard(tmp_path: Path) -> None:
     trainer = L.Trainer(logger=CSVLogger(tmp_path), default_root_dir=tmp_path, enable_progress_bar=False)
     cb = ValidationImageLogger(max_images=2, output_dir=str(tmp_path))
     cb.on_validation_end(trainer, module)
-    assert cb.last_png is not None and cb.last_png.is_file()
+    assert cb.last_png is not None and cb.last_png.is_file() and cb.last_png.name == "iter_0000007.png"
     grid, cols = ValidationImageLogger.build_grid(module.last_val_images, max_images=2)
     assert cols == 4 and grid.shape == (3, 2 * 34 + 2, 4 * 34 + 2)
 
@@ -126,7 +127,7 @@ def test_resume_matches_uninterrupted_run(train_cfg: MakeCfg, tmp_path: Path) ->
         "experiment=smoke",
         "logger=csv",
         "trainer.val_check_interval=100",  # no validation: this compares training state only
-        "callbacks.model_checkpoint.every_n_train_steps=2",  # every iteration (G + D steps)
+        "callbacks.model_checkpoint.every_n_iterations=1",
         "callbacks.image_logger=null",
     ]
     train(train_cfg(*common, "model.max_iterations=4", subdir="full"))
