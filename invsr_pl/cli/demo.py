@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import signal
 import sys
 import threading
@@ -68,20 +69,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         _check(args)
-        try:
-            from invsr_pl.demo.app import build_app, launch
-        except ImportError as err:
-            raise SetupError(f"{err}; install the demo extra: pip install 'invsr-pl[demo]'") from err
+        missing = [m for m in ("gradio", "gradio_client") if importlib.util.find_spec(m) is None]
+        if missing:  # found before gigabytes of weights are read
+            raise SetupError(
+                f"{', '.join(missing)} not installed; install the demo extra: pip install 'invsr-pl[demo]'"
+            )
+        start = time.perf_counter()
+        # first, so that build_models quiets dependency warnings before diffusers and gradio are imported
+        backbone, noise_predictor, smoke, device = build_models(args)  # once, before serving
+        from invsr_pl.demo.app import build_app, launch
         from invsr_pl.demo.engine import Upscaler
 
-        start = time.perf_counter()
-        backbone, noise_predictor, smoke, device = build_models(args)  # once, before serving
+        note = getattr(args, "backbone_note", None)  # which tiny backbone smoke mode built
         upscaler = Upscaler(
             backbone,
             noise_predictor,
             device,
             smoke=smoke,
-            backbone_name=args.backbone,
+            backbone_name=f"{args.backbone} ({note})" if note else args.backbone,
             weights_name=str(args.noise_predictor) if args.noise_predictor else "random tiny (smoke mode)",
             chopping_batch=args.chopping_batch,
             max_megapixels=args.max_megapixels,
@@ -89,12 +94,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SetupError as err:
         print(f"invsr-demo: error: {err}", file=sys.stderr)
         return 2
-    print(f"invsr-demo: models loaded in {time.perf_counter() - start:.1f} s on {device}", file=sys.stderr)
+    print(
+        f"invsr-demo: libraries and models loaded in {time.perf_counter() - start:.1f} s on {device}",
+        file=sys.stderr,
+    )
     print(f"invsr-demo: results are kept for an hour under {upscaler.workdir}", file=sys.stderr)
     if smoke:
-        print(
-            "invsr-demo: smoke mode: random tiny networks; outputs only prove the path runs", file=sys.stderr
-        )
+        print("invsr-demo: smoke mode: tiny networks; the outputs only prove the path runs", file=sys.stderr)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     app = build_app(
         upscaler,

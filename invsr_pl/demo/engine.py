@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from invsr_pl.cli.sr import DEFAULT_SEED
 from invsr_pl.sampling import timesteps as ts
 from invsr_pl.sampling.color_fix import COLOR_FIX_METHODS
+from invsr_pl.sampling.oom import OutOfMemoryFallbackError, sample_with_fallback
 from invsr_pl.sampling.sampler import InvSRSampler
 from invsr_pl.utils.atomic import atomic_write
 from invsr_pl.utils.images import ImageReadError, read_image, write_image
@@ -101,6 +102,7 @@ class Result:
         input_size / output_size: (width, height) in pixels.
         bit_depth: 8 or 16; has_alpha: whether an alpha channel was carried through.
         timesteps: the user timesteps actually used; seconds: wall time from reading to the written file.
+        memory_note: how the out-of-memory fallback changed the chopping, or "" when it did not step in.
     """
 
     path: Path
@@ -113,6 +115,7 @@ class Result:
     timesteps: tuple[int, ...]
     settings: Settings
     seconds: float
+    memory_note: str = ""
 
     def describe(self) -> str:
         """One line: sizes, time and the settings used (for the page)."""
@@ -123,7 +126,7 @@ class Result:
         return (
             f"{w}x{h} -> {ow}x{oh} {kind} PNG in {self.seconds:.2f} s; {len(self.timesteps)} step(s) "
             f"(timesteps {steps}), {chop}, colour fix {s.color_fix}, seed {s.seed}"
-        )
+        ) + (f" ({self.memory_note})" if self.memory_note else "")
 
 
 @dataclass
@@ -207,7 +210,7 @@ class Upscaler:
         ]
         if self.smoke:
             lines.append(
-                "**Smoke mode**: random tiny backbone and noise predictor (`--backbone tiny` without "
+                "**Smoke mode**: tiny networks and a random tiny noise predictor (`--backbone tiny` without "
                 "`--noise-predictor`), no download; the outputs only prove that the whole path runs."
             )
         return "\n\n".join(lines)
@@ -280,12 +283,16 @@ class Upscaler:
             out_path = self.new_request_dir() / f"{path.stem}_x{self.scale}.png"
         out_path = Path(out_path)
         generator = torch.Generator(device=self.device).manual_seed(settings.seed)  # per image, as invsr-sr
+        requested = (sampler.chopping_size, sampler.chopping_batch)
         try:
-            sr = sampler(image[None], generator=generator)[0]  # (3, s*h, s*w) in [0, 1]
-        except torch.cuda.OutOfMemoryError as err:
-            raise RequestError(
-                f"out of GPU memory on {path.name}: try a smaller chopping size or a smaller image"
-            ) from err
+            # invsr-sr's fallback: on CUDA OOM halve the chopping batch, then the chopping size, and retry
+            sr = sample_with_fallback(sampler, image[None], generator)[0]  # (3, s*h, s*w) in [0, 1]
+        except OutOfMemoryFallbackError as err:
+            raise RequestError(f"{path.name}: {err}") from err
+        memory_note = ""
+        if (sampler.chopping_size, sampler.chopping_batch) != requested:
+            chop = sampler.chopping_size or "none"
+            memory_note = f"out of memory: retried with chopping size {chop}, batch {sampler.chopping_batch}"
         if alpha is not None:  # alpha: plain bicubic, clamped (no diffusion), as invsr-sr
             alpha = _resize(alpha.to(sr.device), sr.shape[-2:])
         write_image(out_path, sr, alpha, bit_depth=bit_depth)
@@ -304,6 +311,7 @@ class Upscaler:
             timesteps=tuple(sampler.timesteps),
             settings=settings,
             seconds=time.perf_counter() - start,
+            memory_note=memory_note,
         )
 
     def upscale_batch(
@@ -338,7 +346,8 @@ class Upscaler:
             except RequestError as err:
                 result.failed.append((path.name, str(err)))
             except Exception as err:  # noqa: BLE001 - one bad image must not stop the others; reported
-                result.failed.append((path.name, f"{type(err).__name__}: {err}"))
+                first_line = str(err).splitlines()[0] if str(err) else ""
+                result.failed.append((path.name, f"{type(err).__name__}: {first_line}".rstrip(": ")))
         if result.written:
             result.zip_path = request_dir / f"invsr_x{self.scale}_results.zip"
             # never a half-written zip under its name; PNGs are compressed already

@@ -148,6 +148,33 @@ def test_batch_zips_results_and_lists_failures(upscaler: Upscaler, tmp_path: Pat
     assert nothing.zip_path is None and len(nothing.failed) == 1
 
 
+def test_out_of_memory_falls_back_as_invsr_sr_does(
+    upscaler: Upscaler, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from invsr_pl.sampling.sampler import InvSRSampler
+
+    real_call = InvSRSampler.__call__
+
+    def small_gpu(self: InvSRSampler, lr: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        if self.chopping_batch > 2:  # pretend that only two patches per call fit
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_call(self, lr, **kwargs)
+
+    src = tmp_path / "in.png"
+    write_image(src, _gradient(16, 24))
+    two = Upscaler(
+        upscaler.backbone, upscaler.noise_predictor, "cpu", chopping_batch=2, workdir=tmp_path / "w"
+    )
+    expected = read_image(two.upscale_file(src, Settings(chopping_size=8)).path).image
+    monkeypatch.setattr(InvSRSampler, "__call__", small_gpu)
+    with pytest.warns(RuntimeWarning, match="out of memory"):
+        result = upscaler.upscale_file(src, Settings(chopping_size=8))
+    assert result.memory_note == "out of memory: retried with chopping size 8, batch 2"
+    assert result.describe().endswith(f"({result.memory_note})")
+    # the retry starts from the same generator state: the image of a run that started at batch 2
+    assert torch.equal(read_image(result.path).image, expected)
+
+
 def test_scale_follows_the_noise_predictor(upscaler: Upscaler, tmp_path: Path) -> None:
     from invsr_pl.models.tiny import tiny_noise_predictor
 
