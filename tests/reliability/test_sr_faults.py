@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pickle
 import subprocess
 import sys
 import warnings
@@ -15,6 +14,7 @@ import skimage.data
 import tifffile
 import torch
 from PIL import Image
+from reliability_helpers import REPO_ROOT, bad_weight_files
 
 from invsr_pl.cli import sr
 from invsr_pl.cli.sr import main
@@ -23,7 +23,6 @@ from invsr_pl.sampling.oom import OutOfMemoryFallbackError, sample_with_fallback
 from invsr_pl.utils.images import read_image
 
 TINY = ["--backbone", "tiny", "--chopping-size", "32", "--no-progress"]
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _photo(path: Path, h: int = 24, w: int = 20) -> Path:
@@ -157,31 +156,6 @@ def test_scale_comes_from_the_noise_predictor(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- weights
-class _Exploit:
-    """Unpickling this would create the file named in ``marker`` (a stand-in for arbitrary code)."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
-
-
-def bad_weight_files(folder: Path) -> dict[str, Path]:
-    """A random-bytes .pth, a truncated .safetensors and a pickle that would run code when loaded."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    files = {"random": folder / "random.pth", "truncated": folder / "model.safetensors"}
-    files["random"].write_bytes(rng.bytes(4096))
-    tiny_noise_predictor(seed=0).save_pretrained(folder / "full")
-    full = (folder / "full" / "model.safetensors").read_bytes()
-    files["truncated"].write_bytes(full[: len(full) // 2])
-    files["malicious"] = folder / "evil.pth"
-    with open(files["malicious"], "wb") as f:
-        pickle.dump({"encoder.x": _Exploit(str(folder / "PWNED"))}, f)
-    return files
-
-
 def test_bad_noise_predictor_files_exit_2_with_one_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
