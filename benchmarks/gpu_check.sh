@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check: CUDA tests, then the three benchmarks on the device (degradation, training step with
-# the real SD-Turbo architecture in mixed precision, inference). Run from the repository root on a CUDA machine:
+# the real SD-Turbo architecture in mixed precision, inference: eager vs compiled, fp16 vs fp32 noise predictor).
+# Without a GPU it says so and exits 0. Run from the repository root on a CUDA machine:
 #   OUT=gpu_check_out bash benchmarks/gpu_check.sh
 # If a `.whl/` folder of wheels is present (made by benchmarks/gpu_wheels.sh for a bare GPU box), they are
 # installed into /tmp/site first. Each stage has its own time limit so one slow stage cannot starve the others.
@@ -11,6 +12,10 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:$PWD
+fi
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  echo "no CUDA device here: nothing to check (run this on a GPU machine)" | tee "$OUT/summary.txt"
+  exit 0
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
@@ -29,4 +34,10 @@ stage train_step 100 python3 benchmarks/train_step.py --device cuda --real-arch 
   --batch-size 2 --steps 5 --warmup 2 --rounds 1
 stage inference 60 python3 benchmarks/inference.py --device cuda --dtype float16 --real-arch --size 128 \
   --steps 1 5 --repeats 3 --warmup 1
+# issue 13 targets: real architecture, 1 step, 128 -> 512, fp16, batch 1: eager (fp32 NP under autocast) vs fp16 NP
+# vs compiled (fp16 NP, channels_last); the first compiled call includes compilation (about a minute per network).
+stage inference_compiled 240 python3 benchmarks/inference.py --device cuda --dtype float16 --real-arch --size 128 \
+  --steps 1 --repeats 20 --warmup 3 --no-stages --half-np --channels-last --compile --json "$OUT/inference_compiled.json"
+stage inference_cudagraphs 200 python3 benchmarks/inference.py --device cuda --dtype float16 --real-arch --size 128 \
+  --steps 1 --repeats 20 --warmup 3 --no-stages --half-np --compile --compile-mode reduce-overhead
 cat "$OUT/summary.txt"

@@ -245,10 +245,6 @@ class LatentDiscriminator(nn.Module):
         """Recompute every down, mid and up block in backward (the official code skips the mid, §4.5)."""
         self.gradient_checkpointing = True
 
-    def disable_gradient_checkpointing(self) -> None:
-        """Store all activations again."""
-        self.gradient_checkpointing = False
-
     def _run(self, block: nn.Module, *args, **kwargs):
         if self.gradient_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False, **kwargs)
