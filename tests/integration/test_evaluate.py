@@ -20,7 +20,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from invsr_pl import evaluation_module as EM
 
@@ -261,6 +261,38 @@ def test_images_a_metric_fails_on_are_failures(tmp_path: Path, monkeypatch: pyte
 class _Broken(torch.nn.Module):
     def forward(self, *images):
         raise RuntimeError("image too small")
+
+
+@pytest.mark.parametrize(
+    "swap",
+    [
+        ["protocol=osediff", "metrics=all", "study=table1"],
+        ["model/backbone=sd_turbo", "model/noise_predictor=default", "logger=csv", "trainer=gpu"],
+    ],
+)
+def test_config_keys_match_constructors(tmp_path: Path, swap: list[str]) -> None:
+    """Every `_target_` mapping of the composed config only uses its constructor's keyword arguments."""
+    import inspect
+
+    import hydra.utils
+
+    def check(node, where: str) -> None:
+        if isinstance(node, dict):
+            if "_target_" in node:
+                params = inspect.signature(hydra.utils.get_object(node["_target_"])).parameters
+                unknown = {k for k in node if not k.startswith("_")} - set(params)
+                assert not unknown, f"{where}: {node['_target_']} does not take {sorted(unknown)}"
+            for key, value in node.items():
+                check(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                check(value, f"{where}[{i}]")
+
+    benchmarks = "benchmark=[samples,imagenet_test,realsr,realset80]"
+    cfg = OmegaConf.to_container(make_cfg(tmp_path, benchmarks, *swap), resolve=True)
+    for group in ("data", "model", "trainer", "logger"):
+        check(cfg.get(group), group)
+    assert list(cfg["model"]["benchmarks"]) == list(cfg["data"]["test_datasets"])
 
 
 def test_benchmarks_are_test_sets_of_the_data_module(tmp_path: Path) -> None:
