@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from invsr_pl.cli.sr import DEFAULT_SEED
@@ -32,6 +32,8 @@ from invsr_pl.utils.atomic import atomic_write
 from invsr_pl.utils.images import ImageReadError, read_image, write_image
 
 __all__ = ["BatchResult", "RequestError", "Result", "Settings", "Upscaler"]
+
+_REQUEST_PREFIX = "req-"  # request folders under the work folder (pruned after keep_seconds)
 
 
 class RequestError(ValueError):
@@ -153,7 +155,7 @@ class Upscaler:
         backbone: frozen SD-Turbo (or tiny) backbone on ``device`` (from ``invsr_pl.cli.sr.build_models``).
         noise_predictor: fp32 noise predictor on ``device``; its ``scale`` is the SR factor.
         device: where the networks run; each image's generator lives there (as in ``invsr-sr``).
-        smoke: the networks are untrained tiny ones (stated on the page).
+        smoke: the networks are tiny smoke-mode ones, not InvSR weights (stated on the page).
         backbone_name / weights_name: what the page states as the backbone and noise-predictor weights.
         chopping_batch: patches per network call.
         max_megapixels: largest input accepted (width x height / 1e6), checked before decoding.
@@ -240,7 +242,9 @@ class Upscaler:
             with Image.open(path) as im:
                 width, height = im.size
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-            raise RequestError(f"{name} is not a readable image (png, jpg, bmp, webp, tif): {err}") from err
+            # Pillow's "cannot identify image file '<server path>'" says nothing the first part does not
+            detail = "" if isinstance(err, UnidentifiedImageError) else f": {err}"
+            raise RequestError(f"{name} is not a readable image (png, jpg, bmp, webp, tif){detail}") from err
         megapixels = width * height / 1e6
         if megapixels > self.max_megapixels:
             raise RequestError(
@@ -254,10 +258,10 @@ class Upscaler:
         """A fresh folder under ``workdir`` for one request; removes request folders older than
         ``keep_seconds`` (the page has served them long ago)."""
         now = time.time()
-        for old in self.workdir.iterdir():
+        for old in self.workdir.glob(f"{_REQUEST_PREFIX}*"):  # only folders this class made
             if old.is_dir() and now - old.stat().st_mtime > self.keep_seconds:
                 shutil.rmtree(old, ignore_errors=True)
-        return Path(tempfile.mkdtemp(prefix="req-", dir=self.workdir))
+        return Path(tempfile.mkdtemp(prefix=_REQUEST_PREFIX, dir=self.workdir))
 
     def upscale_file(
         self,

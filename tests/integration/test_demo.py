@@ -109,6 +109,18 @@ def test_previews_are_capped_but_the_download_is_not(upscaler: Upscaler, tmp_pat
     assert (tmp_path / "w").exists()  # a given workdir is the caller's
 
 
+def test_old_request_folders_are_pruned_and_nothing_else(upscaler: Upscaler, tmp_path: Path) -> None:
+    engine = Upscaler(upscaler.backbone, upscaler.noise_predictor, "cpu", workdir=tmp_path, keep_seconds=60)
+    old_request, fresh_request = engine.new_request_dir(), engine.new_request_dir()
+    not_ours = tmp_path / "notes"
+    not_ours.mkdir()
+    an_hour_ago = time.time() - 3600
+    for folder in (old_request, not_ours):
+        os.utime(folder, (an_hour_ago, an_hour_ago))
+    engine.new_request_dir()
+    assert not old_request.exists() and fresh_request.exists() and not_ours.exists()
+
+
 def test_size_limit_and_bad_files_are_one_line_messages(upscaler: Upscaler, tmp_path: Path) -> None:
     big = tmp_path / "big.png"
     Image.new("RGB", (300, 200)).save(big)
