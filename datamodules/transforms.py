@@ -1,7 +1,7 @@
 """CPU-side image transforms for the datasets: crop, flip, reflect padding, and stable seeds.
 
 Every random choice takes an explicit ``torch.Generator`` so a dataset (or a test) controls its randomness;
-nothing here touches Python's ``random`` or NumPy's global state (ARCHITECTURE C4.4).
+nothing here touches Python's ``random`` or NumPy's global state (docs/data.md).
 
 Images are CHW tensors: ``uint8`` in [0, 255] straight from the decoder, or ``float32`` in [0, 1]. Cropping
 and flipping keep the dtype; padding and :func:`to_float01` return ``float32`` in [0, 1].
@@ -39,7 +39,7 @@ def reflect_pad_to(img: Tensor, height: int, width: int) -> Tensor:
     """Pad the bottom and right edges by reflection until the image is at least ``height x width``.
 
     This is OpenCV's ``BORDER_REFLECT_101`` (edge pixel not repeated; torch calls it "reflect") on the
-    bottom/right, as in INVSR_REFERENCE §6.1 step 3, by ``invsr_pl.utils.padding.reflect_pad`` (any pad size;
+    bottom/right, as in docs/data.md, by ``invsr_pl.utils.padding.reflect_pad`` (any pad size;
     a side of 1 px is replicated).
 
     Args:
@@ -58,7 +58,7 @@ def reflect_pad_to(img: Tensor, height: int, width: int) -> Tensor:
 
 
 def random_crop(img: Tensor, size: int, generator: torch.Generator | None = None) -> Tensor:
-    """A uniformly placed ``size x size`` crop; a side shorter than ``size`` is reflect-padded (§6.1 step 3).
+    """A uniformly placed ``size x size`` crop; a side shorter than ``size`` is reflect-padded (docs/data.md).
 
     Cropping happens before padding, which gives the same pixels as BasicSR's pad-then-crop (the padded axis
     has a single crop position) while converting only the crop, not the whole decoded image, to float.
@@ -83,7 +83,7 @@ def _random_window(img: Tensor, size: int, generator: torch.Generator | None) ->
 
 
 def random_hflip(img: Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> Tensor:
-    """Mirror left-right with probability ``p`` (§6.1 step 2, ``use_hflip``). (C, H, W) -> (C, H, W)."""
+    """Mirror left-right with probability ``p`` (docs/data.md, ``use_hflip``). (C, H, W) -> (C, H, W)."""
     if p <= 0.0:
         return img
     if float(torch.rand((), generator=generator)) < p:
@@ -105,7 +105,7 @@ def center_crop(img: Tensor, size: int) -> Tensor:
 
 
 class RandomCropFlip:
-    """The training-time GT transform of INVSR_REFERENCE §6.1: hflip (p) then a ``size`` crop, reflect-padded.
+    """The training-time GT transform of docs/data.md: hflip (p) then a ``size`` crop, reflect-padded.
 
     Args:
         size: crop side (the paper trains on 512).
@@ -123,7 +123,7 @@ class RandomCropFlip:
         self.hflip_prob = float(hflip_prob)
 
     def __call__(self, img: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        # The reference flips the whole image, pads bottom/right, then crops (§6.1 steps 2-3). Cropping the
+        # The reference flips the whole image, pads bottom/right, then crops (docs/data.md). Cropping the
         # window first, flipping it, then padding it gives the same distribution of outputs (padding still
         # lands bottom/right) while touching only crop-sized memory.
         flip = self.hflip_prob > 0.0 and float(torch.rand((), generator=generator)) < self.hflip_prob

@@ -1,6 +1,6 @@
 """LatentDiscriminator: InvSR's timestep- and text-conditioned UNet discriminator on SD latents.
 
-The network is an SD-style UNet (INVSR_REFERENCE §2) composed from upstream diffusers blocks, with three
+The network is an SD-style UNet (docs/method.md) composed from upstream diffusers blocks, with three
 changes: no output head, a second "multi-in" stem whose features are re-injected before every down block,
 and four "multi-out" logit heads (one on the mid block, one after each up block). The paper configuration is
 the constructor default and has the state-dict layout of the released ``discriminator_sd_turbo_v5.pth``, so
@@ -43,8 +43,8 @@ def _per_block(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]
 
 
 def _logit_head(channels: int, norm_num_groups: int, norm_eps: float) -> nn.Sequential:
-    """GroupNorm-SiLU-Conv3x3(C->C)-GroupNorm-SiLU-Conv3x3(C->1), indices 0..5 as released (§2.2.4)."""
-    groups = min(norm_num_groups, channels // 4)  # INVSR_REFERENCE §2.2.4: min(32, C/4) groups
+    """GroupNorm-SiLU-Conv3x3(C->C)-GroupNorm-SiLU-Conv3x3(C->1), indices 0..5 as released (method.md)."""
+    groups = min(norm_num_groups, channels // 4)  # docs/method.md: min(32, C/4) groups
     return nn.Sequential(
         nn.GroupNorm(groups, channels, eps=norm_eps),
         nn.SiLU(),
@@ -58,7 +58,7 @@ def _logit_head(channels: int, norm_num_groups: int, norm_eps: float) -> nn.Sequ
 class LatentDiscriminator(nn.Module):
     """Multi-scale UNet discriminator on scaled SD latents, conditioned on timestep index and prompt.
 
-    Paper configuration (INVSR_REFERENCE §2.1) = constructor defaults: 112,082,532 parameters, state-dict keys
+    Paper configuration (docs/method.md) = constructor defaults: 112,082,532 parameters, state-dict keys
     and shapes identical to the released ``discriminator_sd_turbo_v5.pth``. A CPU-sized twin:
     ``invsr_pl.models.tiny.tiny_discriminator()``.
 
@@ -71,18 +71,18 @@ class LatentDiscriminator(nn.Module):
         up_block_types: diffusers up-block class names, one per block.
         num_attention_heads: attention heads per down block (int or one per block); the up path uses them
             reversed, the mid block the last one. The official YAML calls this ``attention_head_dim``
-            [8, 16, 16] (a diffusers naming quirk: it is really the number of heads, §2.1).
+            [8, 16, 16] (a diffusers naming quirk: it is really the number of heads, docs/method.md).
         transformer_layers_per_block: transformer layers inside each cross-attention block.
         cross_attention_dim: width D of ``encoder_hidden_states`` (1024 for SD-Turbo's OpenCLIP-H prompt).
         norm_num_groups: GroupNorm groups; also the channel count of the multi-in stem ``feature_in``
-            (§2.2.3), so every width in ``block_out_channels`` must be a multiple of it.
+            (docs/method.md), so every width in ``block_out_channels`` must be a multiple of it.
         norm_eps: GroupNorm epsilon.
         act_fn: resnet activation.
         downsample_padding: padding of the strided downsampling convolutions.
         use_linear_projection: transformer ``proj_in``/``proj_out`` as Linear instead of 1x1 conv.
         flip_sin_to_cos: sinusoidal timestep embedding layout (cos first when True).
         freq_shift: ``downscale_freq_shift`` of the sinusoidal timestep embedding.
-        addition_embed_type: ``"text"`` adds the pooled prompt to the time embedding (§2.3a); None disables.
+        addition_embed_type: ``"text"`` adds the pooled prompt to the time embedding; None disables.
         addition_embed_type_num_heads: heads of that attention pooling (must divide ``cross_attention_dim``).
         center_input_sample: map the input with ``2 * x - 1`` first (off for InvSR).
     """
@@ -130,15 +130,15 @@ class LatentDiscriminator(nn.Module):
         self.center_input_sample = center_input_sample
         self.gradient_checkpointing = False
 
-        # Stems: the usual conv_in plus the multi-in stem with norm_num_groups channels (§2.2.3).
+        # Stems: the usual conv_in plus the multi-in stem with norm_num_groups channels (docs/method.md).
         self.conv_in = nn.Conv2d(in_channels, widths[0], kernel_size=3, padding=1)
         self.feature_in = nn.Conv2d(in_channels, norm_num_groups, kernel_size=3, padding=1)
 
-        # Time: sinusoid(C0) -> MLP to 4*C0, as in the SD UNet (§2.3).
+        # Time: sinusoid(C0) -> MLP to 4*C0, as in the SD UNet (docs/method.md).
         time_embed_dim = widths[0] * 4
         self.time_proj = Timesteps(widths[0], flip_sin_to_cos, freq_shift)
         self.time_embedding = TimestepEmbedding(widths[0], time_embed_dim, act_fn=act_fn)
-        # Text: attention-pooled prompt added to temb (§2.3a). Key name `add_embedding` as released.
+        # Text: attention-pooled prompt added to temb (docs/method.md). Key name `add_embedding` as released.
         self.add_embedding = (
             TextTimeEmbedding(cross_attention_dim, time_embed_dim, num_heads=addition_embed_type_num_heads)
             if addition_embed_type == "text"
@@ -162,7 +162,7 @@ class LatentDiscriminator(nn.Module):
                 get_down_block(
                     block_type,
                     num_layers=layers[i],
-                    # The multi-in features are concatenated to every down-block input (§2.2.3): 160/160/288.
+                    # docs/method.md: the multi-in features join every down-block input (160/160/288 ch).
                     in_channels=in_ch + norm_num_groups,
                     out_channels=out_ch,
                     add_downsample=i < n - 1,
@@ -195,7 +195,7 @@ class LatentDiscriminator(nn.Module):
                 )
             )
         self.num_upsamplers = n - 1
-        # Multi-out heads (§2.2.4): head 0 on the mid output, heads 1..n after each up block.
+        # Multi-out heads (docs/method.md): head 0 on the mid output, heads 1..n after each up block.
         self.out_blocks = nn.ModuleList(
             [_logit_head(c, norm_num_groups, norm_eps) for c in (widths[-1], *rev_widths)]
         )
@@ -242,7 +242,7 @@ class LatentDiscriminator(nn.Module):
         return model
 
     def enable_gradient_checkpointing(self) -> None:
-        """Recompute every down, mid and up block in backward (the official code skips the mid, §4.5)."""
+        """Recompute every down, mid and up block in backward (the official skips the mid)."""
         self.gradient_checkpointing = True
 
     def _run(self, block: nn.Module, *args, **kwargs):
@@ -256,7 +256,7 @@ class LatentDiscriminator(nn.Module):
         Args:
             latent: (B, C_in, h, w) float scaled SD latents (VAE sample * 0.18215, roughly [-4, 4] for real
                 images). Fakes should be clamped to [-LATENT_BOUND, LATENT_BOUND] = [-10, 10] by the caller
-                (``invsr_pl.losses.adversarial.clamp_fake``, INVSR_REFERENCE §2.5).
+                (``invsr_pl.losses.adversarial.clamp_fake``, docs/method.md).
             index: 0-based diffusion index (user timestep - 1, e.g. 249/199/149/99): an int or an integer
                 tensor of shape (), (1,) or (B,) (``timesteps.batch_index``).
             encoder_hidden_states: (B, L, cross_attention_dim) prompt embeddings (L = 77 for SD).
@@ -295,7 +295,7 @@ class LatentDiscriminator(nn.Module):
 
         skips: tuple[Tensor, ...] = (sample,)
         for block in self.down_blocks:
-            # §2.2.3: bicubic resize of the multi-in features to the block's resolution, concatenated after.
+            # docs/method.md: the multi-in features, bicubic-resized to the block's size, concatenated after.
             extra_here = F.interpolate(extra, size=sample.shape[-2:], mode="bicubic")
             sample = torch.cat([sample, extra_here], dim=1)
             if getattr(block, "has_cross_attention", False):

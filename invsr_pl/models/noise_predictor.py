@@ -1,4 +1,4 @@
-"""NoisePredictor: LR image (+ diffusion index) -> Gaussian over the inversion noise (INVSR_REFERENCE §1).
+"""NoisePredictor: LR image (+ diffusion index) -> Gaussian over the inversion noise (docs/method.md).
 
 The only trained generator of InvSR. A time-aware convolutional encoder, assembled from upstream diffusers
 blocks (``Timesteps``, ``TimestepEmbedding``, ``get_down_block("AttnDownBlock2D")``, ``UNetMidBlock2D``), maps
@@ -27,12 +27,12 @@ from invsr_pl.utils.checkpoint import read_state_dict
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-# INVSR_REFERENCE §1.1 / §7.4: DDP and torch.compile wrappers prefix the keys of saved state dicts.
-_NORM_EPS = 1e-6  # INVSR_REFERENCE §1.2: GroupNorm eps 1e-6 everywhere (resnets, attention, head)
+# docs/checkpoints.md: DDP and torch.compile wrappers prefix the keys of saved state dicts.
+_NORM_EPS = 1e-6  # docs/method.md: GroupNorm eps 1e-6 everywhere (resnets, attention, head)
 
 
 class _TimeAwareEncoder(nn.Module):
-    """The encoder body; attribute names match the official ``TimeAwareEncoder`` (INVSR_REFERENCE §1.2)."""
+    """The encoder body; attribute names match the official ``TimeAwareEncoder`` (docs/method.md)."""
 
     def __init__(
         self,
@@ -46,7 +46,7 @@ class _TimeAwareEncoder(nn.Module):
         mid_block_add_attention: bool,
     ) -> None:
         super().__init__()
-        # INVSR_REFERENCE §1.2: sinusoid width max(128, C0) (256 for the paper), flip_sin_to_cos, shift 0.
+        # docs/method.md: sinusoid width max(128, C0) (256 for the paper), flip_sin_to_cos, shift 0.
         proj_dim = max(128, block_out_channels[0])
         self.time_proj = Timesteps(proj_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(proj_dim, temb_channels)
@@ -68,7 +68,7 @@ class _TimeAwareEncoder(nn.Module):
                     resnet_act_fn="silu",
                     resnet_groups=norm_num_groups,
                     attention_head_dim=attention_head_dim,
-                    # INVSR_REFERENCE §1.2: padding 0 = zero-pad (0,1,0,1) then a stride-2 3x3 conv.
+                    # docs/method.md: padding 0 = zero-pad (0,1,0,1) then a stride-2 3x3 conv.
                     downsample_padding=0,
                     resnet_time_scale_shift="default",
                 )
@@ -92,12 +92,12 @@ class _TimeAwareEncoder(nn.Module):
 
     def forward(self, x: Tensor, index: Tensor) -> Tensor:
         """``x`` (B, C_in, h, w) in [-1, 1], ``index`` (B,) int64 -> (B, out_channels, h/2^s, w/2^s)."""
-        # The sinusoid is float32; cast to the MLP's dtype as the official does (INVSR_REFERENCE §1.2).
+        # The sinusoid is float32; cast to the MLP's dtype as the official does (docs/method.md).
         t_feat = self.time_proj(index).to(self.time_embedding.linear_1.weight.dtype)
         temb = self.time_embedding(t_feat)  # (B, temb_channels); enters only through the resnets
         h = self.conv_in(x)
         for block in self.down_blocks:
-            h, _ = block(h, temb)  # residuals are for a UNet decoder, unused here (INVSR_REFERENCE §1.1)
+            h, _ = block(h, temb)  # residuals are for a UNet decoder, unused here (docs/method.md)
         h = self.mid_block(h, temb)
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))
 
@@ -119,7 +119,7 @@ def down_stages(scale: int, vae_scale_factor: int) -> int:
 
 
 class NoisePredictor(nn.Module):
-    """Predicts the noise that inverts the LR image onto the diffusion trajectory (INVSR_REFERENCE §1).
+    """Predicts the noise that inverts the LR image onto the diffusion trajectory (docs/method.md).
 
     Defaults are the paper's configuration (33,837,576 parameters). The number of x2 downsampling stages is
     ``log2(vae_scale_factor / scale)`` (x4: 1, x2: 2, x8: 0); ``block_out_channels`` needs one width per stage
@@ -193,7 +193,7 @@ class NoisePredictor(nn.Module):
         self.latent_channels = latent_channels
         self.encoder = _TimeAwareEncoder(
             in_channels=in_channels,
-            out_channels=2 * latent_channels,  # INVSR_REFERENCE §1.1: double_z -> mean and logvar
+            out_channels=2 * latent_channels,  # docs/method.md: double_z -> mean and logvar
             block_out_channels=widths,
             layers_per_block=layers,
             attention_head_dim=attention_head_dim,
@@ -225,9 +225,7 @@ class NoisePredictor(nn.Module):
                 f"downsampling stages for scale={self.scale}); pad the LR image first"
             )
         idx = batch_index(index, lr.shape[0], lr.device)
-        x = (
-            lr.to(self.encoder.conv_in.weight.dtype) * 2.0 - 1.0
-        )  # INVSR_REFERENCE §1.1: centre [0,1] -> [-1,1]
+        x = lr.to(self.encoder.conv_in.weight.dtype) * 2.0 - 1.0  # docs/method.md: centre [0,1] -> [-1,1]
         moments = self.encoder(x, idx)  # (B, 2 * latent_channels, h', w')
         # fp32 moments so that std/sample are exact even under autocast; logvar clamp happens in the class.
         return DiagonalGaussianDistribution(moments.float())

@@ -2,8 +2,8 @@
 
 A thin wrapper around released diffusers classes (``UNet2DConditionModel``, ``AutoencoderKL``,
 ``EulerDiscreteScheduler``); the text encoder is used once at load to embed the prompt and then dropped
-(INVSR_REFERENCE §0, §7.1). Weights are frozen, always in eval mode and cast to the configured dtype in the
-constructor, i.e. before Lightning/DDP can wrap anything (ARCHITECTURE C5).
+(docs/conventions.md). Weights are frozen, always in eval mode and cast to the configured dtype in the
+constructor, i.e. before Lightning/DDP can wrap anything (docs/lightning.md).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from invsr_pl.models.timesteps import (
 )
 from invsr_pl.utils.offline import hub_offline
 
-# INVSR_REFERENCE §7.1: the positive prompt is used for training, validation and inference at every step.
+# docs/conventions.md: the positive prompt is used for training, validation and inference at every step.
 POSITIVE_PROMPT = (
     "Cinematic, high-contrast, photo-realistic, 8k, ultra HD, meticulous detailing, hyper sharpness, "
     "perfect without deformations"
@@ -52,7 +52,7 @@ _HUB_PATTERNS = [
     "tokenizer/*",
 ]
 
-# INVSR_REFERENCE §0: SD-2.1-layout UNet of stabilityai/sd-turbo (865,910,724 parameters), written out so
+# docs/conventions.md: SD-2.1-layout UNet of stabilityai/sd-turbo (865,910,724 parameters), written out so
 # that a randomly initialised twin can be built without downloading anything.
 SD_TURBO_UNET_CONFIG: dict[str, Any] = {
     "sample_size": 64,  # 512 px / 8
@@ -76,7 +76,7 @@ SD_TURBO_UNET_CONFIG: dict[str, Any] = {
     "freq_shift": 0,
     "act_fn": "silu",
 }
-# INVSR_REFERENCE §0: SD-2.1 VAE (downsampling x8, 4 latent channels, scaling 0.18215, no latent mean/std).
+# docs/conventions.md: SD-2.1 VAE (downsampling x8, 4 latent channels, scaling 0.18215, no latent mean/std).
 SD_TURBO_VAE_CONFIG: dict[str, Any] = {
     "in_channels": 3,
     "out_channels": 3,
@@ -90,7 +90,7 @@ SD_TURBO_VAE_CONFIG: dict[str, Any] = {
     "scaling_factor": 0.18215,
     "act_fn": "silu",
 }
-_PROMPT_TOKENS = 77  # CLIP context length (INVSR_REFERENCE §0)
+_PROMPT_TOKENS = 77  # CLIP context length (docs/conventions.md)
 
 _DTYPES = {
     "fp32": torch.float32,
@@ -122,7 +122,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = 
     key = str(dtype).lower()
     if key == "auto":
         on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
-        return torch.float16 if on_cuda else torch.float32  # INVSR_REFERENCE §0: fp16 weights on GPU
+        return torch.float16 if on_cuda else torch.float32  # docs/conventions.md: fp16 weights on GPU
     if key not in _DTYPES:
         raise ValueError(f"unknown backbone dtype {dtype!r}; use one of 'auto', {sorted(_DTYPES)}")
     return _DTYPES[key]
@@ -171,7 +171,7 @@ def _resolve_folder(model: str, revision: str | None, cache_dir: str | None) -> 
 
 @torch.no_grad()
 def encode_prompt(folder: Path, prompt: str, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """``(1, 77, D)`` last hidden state of the SD-Turbo text encoder for ``prompt`` (INVSR_REFERENCE §0).
+    """``(1, 77, D)`` last hidden state of the SD-Turbo text encoder for ``prompt`` (docs/conventions.md).
 
     The text encoder runs in fp32 on CPU (fp16 CPU kernels are incomplete) and is released afterwards.
     """
@@ -188,7 +188,7 @@ def encode_prompt(folder: Path, prompt: str, dtype: torch.dtype, device: torch.d
         truncation=True,
         return_tensors="pt",
     ).input_ids
-    embeds = text_encoder(ids.to(device))[0]  # last hidden state, no clip-skip (INVSR_REFERENCE §0)
+    embeds = text_encoder(ids.to(device))[0]  # last hidden state, no clip-skip (docs/conventions.md)
     del text_encoder
     return embeds.to(dtype)
 
@@ -196,8 +196,8 @@ def encode_prompt(folder: Path, prompt: str, dtype: torch.dtype, device: torch.d
 class FrozenSDTurbo(nn.Module):
     """Frozen SD-Turbo: VAE encode/decode, epsilon and x0 prediction in the VE (Euler) parameterisation.
 
-    Conventions (INVSR_REFERENCE §0): latents are *scaled* (posterior sample * 0.18215), float32 at the edges;
-    ``index`` is the diffusion index (user timestep - 1); ``z_t = z + sigma * eps``.
+    Conventions (docs/conventions.md): latents are *scaled* (posterior sample * 0.18215), float32 at the
+    edges; ``index`` is the diffusion index (user timestep - 1); ``z_t = z + sigma * eps``.
 
     Args:
         unet: SD-Turbo's ``UNet2DConditionModel`` (or a tiny twin).
@@ -223,14 +223,14 @@ class FrozenSDTurbo(nn.Module):
         self.unet = unet
         self.vae = vae
         self.scheduler = scheduler
-        # Freeze, eval and cast before anything can wrap the modules (ARCHITECTURE C5, Lightning fact 6).
+        # Freeze, eval and cast before anything can wrap the modules (docs/lightning.md).
         self.requires_grad_(False)
         for part in (self.unet, self.vae):
             if any(p.dtype != weight_dtype for p in part.parameters()):
                 part.to(weight_dtype)
         super().train(False)
         # Derived data, not weights: kept out of checkpoints (persistent=False) but moved with .to(device).
-        sigmas = sigmas_from_alphas_cumprod(scheduler.alphas_cumprod)  # (1000,) ascending, §0
+        sigmas = sigmas_from_alphas_cumprod(scheduler.alphas_cumprod)  # (1000,) ascending (conventions.md)
         self.register_buffer("sigmas", sigmas, persistent=False)
         self.register_buffer("prompt_embeds", prompt_embeds.detach().to(weight_dtype), persistent=False)
 
@@ -326,7 +326,7 @@ class FrozenSDTurbo(nn.Module):
     # ---------------------------------------------------------------- maths
 
     def sigma(self, index: Tensor | int) -> Tensor:
-        """``(B,)`` float32 VE noise level per diffusion index, on the index's device (INVSR_REFERENCE §0)."""
+        """``(B,)`` float32 VE noise level per diffusion index, on the index's device (conventions.md)."""
         return lookup_sigma(self.sigmas, index)
 
     def _check_image(self, image: Tensor) -> None:
@@ -348,7 +348,7 @@ class FrozenSDTurbo(nn.Module):
         Args:
             image: ``(B, 3, H, W)`` float in [0, 1]; H, W multiples of 8.
             generator: for the posterior sample (determinism); ``None`` uses the global RNG.
-            sample: posterior *sample* (default, as the official code, INVSR_REFERENCE §7.7.8) or its mean.
+            sample: posterior *sample* (default, as the official code, docs/deviations.md) or its mean.
             noise: ``(B, 4, H/8, W/8)`` standard normal draw for the posterior sample, used instead of drawing
                 one from ``generator`` (the sampler draws it itself so padded rows draw nothing).
 
@@ -376,10 +376,10 @@ class FrozenSDTurbo(nn.Module):
             raise ValueError(f"latent must be (B, {self.latent_channels}, h, w), got {tuple(latent.shape)}")
         z = (latent.float() / self.scaling_factor).to(device=self.device, dtype=self.dtype)
         x = self.vae.decode(z, return_dict=False)[0]
-        return (x.float() / 2.0 + 0.5).clamp(0.0, 1.0)  # INVSR_REFERENCE §5.2 step 7
+        return (x.float() / 2.0 + 0.5).clamp(0.0, 1.0)  # docs/sampling.md
 
     def predict_eps(self, z_t: Tensor, index: Tensor | int) -> Tensor:
-        """UNet noise prediction for the VE state ``z_t`` (INVSR_REFERENCE §0, §5.2 step 6).
+        """UNet noise prediction for the VE state ``z_t`` (docs/conventions.md, docs/sampling.md).
 
         Args:
             z_t: ``(B, 4, h, w)`` float VE state ``z + sigma * eps``.
@@ -398,7 +398,7 @@ class FrozenSDTurbo(nn.Module):
         return eps.float()
 
     def predict_x0(self, z_t: Tensor, index: Tensor | int) -> Tensor:
-        """``(B, 4, h, w)`` float32 ``x0_hat = z_t - sigma * eps_hat`` (INVSR_REFERENCE §0)."""
+        """``(B, 4, h, w)`` float32 ``x0_hat = z_t - sigma * eps_hat`` (docs/conventions.md)."""
         idx = batch_index(index, z_t.shape[0], z_t.device)
         eps = self.predict_eps(z_t, idx)
         return z_t.float() - self.sigma(idx).view(-1, 1, 1, 1) * eps
@@ -439,7 +439,7 @@ def build_from_configs(
         unet_config / vae_config: ``UNet2DConditionModel`` / ``AutoencoderKL`` constructor kwargs.
         seed: seed for the weights and the random ``(1, 77, cross_attention_dim)`` prompt embedding.
         dtype: weight dtype (see :func:`resolve_dtype`).
-        scheduler_config: defaults to SD-Turbo's (INVSR_REFERENCE §0).
+        scheduler_config: defaults to SD-Turbo's (docs/conventions.md).
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -43,7 +43,7 @@ __all__ = [
 
 NUM_TRAIN_TIMESTEPS = 1000
 
-# INVSR_REFERENCE §0: stabilityai/sd-turbo's scheduler_config.json, written out so nothing downloads.
+# docs/conventions.md: stabilityai/sd-turbo's scheduler_config.json, written out so nothing downloads.
 SD_TURBO_SCHEDULER_CONFIG: dict[str, Any] = {
     "beta_schedule": "scaled_linear",
     "beta_start": 0.00085,
@@ -57,7 +57,7 @@ SD_TURBO_SCHEDULER_CONFIG: dict[str, Any] = {
     "trained_betas": None,
 }
 
-# INVSR_REFERENCE §5.1: the released inference scripts' step tables for 1-5 steps.
+# docs/conventions.md: the released inference scripts' step tables for 1-5 steps.
 _PAPER_TIMESTEPS: dict[int, list[int]] = {
     1: [200],
     2: [200, 100],
@@ -65,7 +65,7 @@ _PAPER_TIMESTEPS: dict[int, list[int]] = {
     4: [200, 150, 100, 50],
     5: [250, 200, 150, 100, 50],
 }
-# INVSR_REFERENCE §5.1: more than 5 steps spread evenly over [250, 0); more than 250 would repeat.
+# docs/conventions.md: more than 5 steps spread evenly over [250, 0); more than 250 would repeat.
 _MAX_TIMESTEP_FOR_MANY_STEPS = 250
 
 
@@ -79,7 +79,7 @@ def build_scheduler(config: dict[str, Any] | None = None) -> EulerDiscreteSchedu
 
 
 def sigmas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
-    """Ascending VE sigma table from the cumulative alpha products (INVSR_REFERENCE §0).
+    """Ascending VE sigma table from the cumulative alpha products (docs/conventions.md).
 
     Args:
         alphas_cumprod: ``(N,)`` float tensor, ``abar_i`` for index ``i`` (decreasing, in (0, 1]).
@@ -144,7 +144,7 @@ def validate_timesteps(
 
 
 def default_timesteps(num_steps: int) -> list[int]:
-    """The paper's user timesteps for ``num_steps`` sampling steps (INVSR_REFERENCE §5.1).
+    """The paper's user timesteps for ``num_steps`` sampling steps (docs/conventions.md).
 
     1 -> [200], 2 -> [200, 100], 3 -> [200, 100, 50], 4 -> [200, 150, 100, 50], 5 -> [250, 200, 150, 100, 50];
     more than 5 -> ``linspace(250, 0, n, endpoint=False)`` as ints (e.g. 10 -> [250, 225, ..., 25]).
@@ -263,7 +263,7 @@ def _per_sample(sigma: Tensor | float, like: Tensor) -> Tensor:
 
 
 def scale_model_input(z: Tensor, sigma: Tensor | float) -> Tensor:
-    """VE state -> UNet input: ``z / sqrt(sigma^2 + 1)`` (INVSR_REFERENCE §0, §5.2 step 6).
+    """VE state -> UNet input: ``z / sqrt(sigma^2 + 1)`` (docs/conventions.md, docs/sampling.md).
 
     Args:
         z: ``(B, C, H, W)`` VE state ``z_t``.
@@ -274,7 +274,7 @@ def scale_model_input(z: Tensor, sigma: Tensor | float) -> Tensor:
 
 
 def add_noise(z0: Tensor, noise: Tensor, sigma: Tensor | float) -> Tensor:
-    """VE forward process: ``z_t = z0 + sigma * noise`` (INVSR_REFERENCE §0, §5.2 step 5).
+    """VE forward process: ``z_t = z0 + sigma * noise`` (docs/conventions.md, docs/sampling.md).
 
     Args:
         z0: ``(B, C, H, W)`` clean scaled latent.
@@ -285,5 +285,5 @@ def add_noise(z0: Tensor, noise: Tensor, sigma: Tensor | float) -> Tensor:
 
 
 def x0_from_eps(z_t: Tensor, eps: Tensor, sigma: Tensor | float) -> Tensor:
-    """Predicted clean latent ``x0_hat = z_t - sigma * eps_hat`` (INVSR_REFERENCE §0)."""
+    """Predicted clean latent ``x0_hat = z_t - sigma * eps_hat`` (docs/conventions.md)."""
     return z_t - _per_sample(sigma, z_t) * eps

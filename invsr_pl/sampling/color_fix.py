@@ -1,9 +1,9 @@
-"""Colour correction of an SR result against the upsampled LR image (INVSR_REFERENCE §5.6).
+"""Colour correction of an SR result against the upsampled LR image (docs/sampling.md).
 
 All functions take float tensors (B, 3, H, W) (``sr`` in [0, 1] and its same-size reference ``ref``, about
 [0, 1], see :func:`upsample_reference`) and return float32 (B, 3, H, W) in [0, 1]. The reference must be
 *aligned* with ``sr``: build it with :func:`upsample_reference` from the unpadded LR (the official code used
-the padded LR, §7.7 quirk 2).
+the padded LR, docs/deviations.md).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = [
 
 COLOR_FIX_METHODS = ("none", "wavelet", "ycbcr", "adain")
 
-# MATLAB rgb2ycbcr (BT.601 studio swing) on RGB in [0, 1]; outputs in [0, 1] (INVSR_REFERENCE §5.6)
+# MATLAB rgb2ycbcr (BT.601 studio swing) on RGB in [0, 1]; outputs in [0, 1] (docs/sampling.md)
 _RGB_TO_YCBCR = (
     torch.tensor(
         [
@@ -38,7 +38,7 @@ _RGB_TO_YCBCR = (
     / 255.0
 )
 _YCBCR_OFFSET = torch.tensor([16.0, 128.0, 128.0], dtype=torch.float64) / 255.0
-# MATLAB ycbcr2rgb: the exact inverse of the matrix above, written out as in §5.6 (rows R, G, B)
+# MATLAB ycbcr2rgb: the exact inverse of the matrix above, written out as in docs/sampling.md (rows R, G, B)
 _YCBCR_TO_RGB = (
     torch.tensor(
         [
@@ -77,7 +77,7 @@ def ycbcr_bt601_to_rgb(ycbcr: Tensor) -> Tensor:
 
 
 def ycbcr_color_fix(sr: Tensor, ref: Tensor) -> Tensor:
-    """Luma (Y) from ``sr``, chroma (Cb, Cr) from ``ref`` (INVSR_REFERENCE §5.6 "YCbCr")."""
+    """Luma (Y) from ``sr``, chroma (Cb, Cr) from ``ref`` (docs/sampling.md)."""
     _check_pair(sr, ref)
     y = rgb_to_ycbcr_bt601(sr)[:, :1]
     cbcr = rgb_to_ycbcr_bt601(ref)[:, 1:]
@@ -91,13 +91,13 @@ def _wavelet_low(x: Tensor, levels: int = 5) -> Tensor:
     low = x.float()
     for level in range(levels):
         r = 2**level
-        # replicate padding r keeps the size for a dilation-r 3x3 kernel (§5.6 "Wavelet")
+        # replicate padding r keeps the size for a dilation-r 3x3 kernel (docs/sampling.md)
         low = F.conv2d(F.pad(low, (r, r, r, r), mode="replicate"), kernel, dilation=r, groups=x.shape[1])
     return low
 
 
 def wavelet_color_fix(sr: Tensor, ref: Tensor, levels: int = 5) -> Tensor:
-    """High frequencies of ``sr`` plus the low frequencies of ``ref`` after a 5-level cascade (§5.6).
+    """High frequencies of ``sr`` plus the low frequencies of ``ref`` after a 5-level cascade (sampling.md).
 
     The high part telescopes: sum_i (low_i - low_{i+1}) = x - low_5, so output = sr - low5(sr) + low5(ref);
     the cascade (convolutions with replicate padding) is linear, so that is sr + low5(ref - sr): one cascade.
@@ -119,7 +119,7 @@ def adain_color_fix(sr: Tensor, ref: Tensor, eps: float = 1e-5) -> Tensor:
 def upsample_reference(lr: Tensor, size: tuple[int, int]) -> Tensor:
     """The colour reference: ``lr`` (B, 3, h, w) in [0, 1] bicubic-resized (antialias) to ``size`` = (H, W).
 
-    Use the unpadded LR and the unpadded SR size so the reference is aligned (§5.6; §7.7 quirk 2 fixed).
+    Use the unpadded LR and the unpadded SR size so the reference is aligned (docs/deviations.md).
     Returns float32, *not* clamped: bicubic overshoots [0, 1] slightly at edges and, as in the official
     code, the overshoot goes into the wavelet and YCbCr fixes unchanged (their outputs are clamped). A
     caller that shows or scores this image as a bicubic baseline clamps it itself.

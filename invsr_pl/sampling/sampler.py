@@ -1,9 +1,9 @@
-"""InvSRSampler: LR image -> SR image by diffusion inversion in any number of steps (INVSR_REFERENCE §5).
+"""InvSRSampler: LR image -> SR image by diffusion inversion in any number of steps (docs/sampling.md).
 
 The one inference path of the project: the SR command, evaluation and the LightningModule's validation all
 call it. Algorithm 1 of the paper on one batch of LR patches is :meth:`InvSRSampler.invert` (latent) /
 :meth:`InvSRSampler.sample_patch` (image); :meth:`InvSRSampler.__call__` adds padding, overlapping patches
-with Gaussian blending and colour correction so that any input size works (§5.5, §5.6).
+with Gaussian blending and colour correction so that any input size works (docs/sampling.md).
 """
 
 from __future__ import annotations
@@ -35,14 +35,14 @@ class InvSRSampler:
     Args:
         backbone: ``FrozenSDTurbo`` (or the tiny one from ``invsr_pl.models.tiny``); provides ``encode``,
             ``decode``, ``predict_eps``, ``sigma`` and ``vae_scale_factor``.
-        noise_predictor: ``NoisePredictor`` giving the start noise; ``None``: N(0, I) noise (§5.2 step 5).
-        num_steps: default number of steps; the timesteps come from ``timesteps.default_timesteps`` (§5.1).
+        noise_predictor: ``NoisePredictor`` giving the start noise; ``None``: N(0, I) noise.
+        num_steps: default number of steps; the timesteps come from ``timesteps.default_timesteps``.
         timesteps: default user timesteps (strictly descending, e.g. ``[200, 100]``); overrides ``num_steps``.
-        chopping_size: LR patch size (128, §7.2); smaller inputs are reflect-padded up to it, larger ones are
+        chopping_size: LR patch size (128); smaller inputs are reflect-padded up to it, larger ones are
             processed in overlapping patches at stride ``chopping_size // 2``. ``None`` or 0: no chopping, the
             whole (modulus-padded) image in one pass.
-        chopping_batch: patches per network call (8, §7.2).
-        color_fix: ``"none"``, ``"wavelet"``, ``"ycbcr"`` or ``"adain"`` (§5.6), against the aligned LR.
+        chopping_batch: patches per network call (8, docs/sampling.md).
+        color_fix: ``"none"``, ``"wavelet"``, ``"ycbcr"`` or ``"adain"``, against the aligned LR.
         scale: SR factor when ``noise_predictor`` is None (else it must match ``noise_predictor.scale``); 4 if
             both are absent.
         pad_batches: pad a short batch of patches (the last one, or a small image's) with copies of its last
@@ -78,7 +78,7 @@ class InvSRSampler:
             raise ValueError(f"chopping_batch must be >= 1, got {chopping_batch}")
         self.backbone = backbone
         self.noise_predictor = noise_predictor
-        # INVSR_REFERENCE §5.1: explicit timesteps win over num_steps
+        # docs/conventions.md: explicit timesteps win over num_steps
         self.timesteps = (
             ts.validate_timesteps(timesteps) if timesteps is not None else ts.default_timesteps(num_steps)
         )
@@ -130,7 +130,7 @@ class InvSRSampler:
         s = self.scale
 
         with self._stage("blending"):
-            # INVSR_REFERENCE §5.5 steps 1 and 3: pad small images up to the patch size (accumulated pads,
+            # docs/sampling.md: pad small images up to the patch size (accumulated pads,
             # PR #51), then bottom/right up to the modulus; the crop below undoes both.
             x, top, left = pad_to_min_size(lr, self.chopping_size or 0)
             x = pad_to_multiple(x, self.modulus)
@@ -154,10 +154,10 @@ class InvSRSampler:
             elapsed = time.perf_counter() - start - (self._network_seconds() - network_before)
             self.timings["blending"] = self.timings.get("blending", 0.0) + elapsed
         with self._stage("blending"):
-            sr = sr[..., s * top : s * (top + h), s * left : s * (left + w)]  # §5.5 step 5
+            sr = sr[..., s * top : s * (top + h), s * left : s * (left + w)]  # docs/sampling.md
         with self._stage("color_fix"):
             if self.color_fix != "none":
-                # §5.6 with quirk 7.7.2 fixed: the reference is the *unpadded* LR, so it is aligned with sr
+                # docs/deviations.md: the reference is the *unpadded* LR, so it is aligned with sr
                 sr = apply_color_fix(sr, upsample_reference(lr, (s * h, s * w)), self.color_fix)
         return sr.float().clamp(0.0, 1.0)
 
@@ -205,7 +205,7 @@ class InvSRSampler:
         b = lr_patch.shape[0]
         rows = self._padded_rows(b)
         x = _pad_rows(lr_patch.to(device=device, dtype=torch.float32), rows)
-        index = ts.to_index(steps, device=device)  # (T,) diffusion indices, user t -> t - 1 (§0)
+        index = ts.to_index(steps, device=device)  # (T,) diffusion indices, user t -> t - 1
         sigmas = self.backbone.sigma(index).float()  # (T,) float32
         latent = (
             b,
@@ -214,8 +214,8 @@ class InvSRSampler:
         )
 
         with self._stage("noise_predictor"):
-            # §5.2 step 5: the start-noise draw comes first, then the VAE posterior draw. Both are drawn here,
-            # for the real rows only, so that padding a batch never changes a real patch's random numbers.
+            # docs/sampling.md: the start-noise draw first, then the VAE posterior draw; both drawn here, for
+            # the real rows only, so that padding a batch never changes a real patch's random numbers.
             # diffusers' helper also accepts a CPU generator for a CUDA tensor (drawn on CPU, then moved).
             start = _pad_rows(
                 randn_tensor(latent, generator=generator, device=device, dtype=torch.float32), rows
@@ -229,7 +229,7 @@ class InvSRSampler:
             else:
                 noise = start
         with self._stage("vae_encode"):
-            # §5.2 step 3: bicubic without antialias, not clamped (as the official pipeline)
+            # docs/sampling.md: bicubic without antialias, not clamped (as the official pipeline)
             lr_up = F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
             z_lq = self.backbone.encode(lr_up, noise=posterior).float()
         if noise.shape != z_lq.shape:
@@ -237,7 +237,7 @@ class InvSRSampler:
                 f"noise predictor output {tuple(noise.shape)} does not match the latent {tuple(z_lq.shape)}"
             )
         with self._stage("unet"):
-            # §5.2 steps 5-6: the one-step inversion, then deterministic Euler steps (s_churn 0) in fp32; the
+            # docs/sampling.md: one-step inversion, then deterministic Euler steps (s_churn 0) in fp32; the
             # last sigma is 0, so each step continues from x0_hat + sigma_next * eps_hat
             x0, eps = self.backbone.invert_step(z_lq, noise, index[:1].expand(rows))
             for i in range(1, len(steps)):
@@ -249,7 +249,7 @@ class InvSRSampler:
     def _predict_noise_distribution(self, x: Tensor, index: Tensor) -> DiagonalGaussianDistribution:
         """The noise predictor's Gaussian (float32 moments).
 
-        fp32 weights run under autocast in a half-precision backbone's dtype (§5.7); half weights (see
+        fp32 weights run under autocast in a half backbone's dtype (docs/sampling.md); half weights (see
         ``invsr_pl.utils.compile.prepare_for_inference``) run as they are, without per-call weight casts.
         """
         dtype = self.backbone.dtype
@@ -309,7 +309,7 @@ _NULL = contextlib.nullcontext()
 
 
 def _unet_scale_factor(backbone: nn.Module) -> int:
-    """Spatial factor of the UNet: 2 ** (number of down blocks - 1) (8 for SD-Turbo, §5.5 "diffusion_sf")."""
+    """Spatial factor of the UNet: 2 ** (number of down blocks - 1) (8 for SD-Turbo, docs/sampling.md)."""
     unet = getattr(backbone, "unet", None)
     channels = getattr(getattr(unet, "config", None), "block_out_channels", None)
     return 2 ** (len(channels) - 1) if channels else 8

@@ -2,7 +2,7 @@
 
 All functions work on image batches ``(B, C, H, W)`` of any float dtype and never change value ranges.
 The patch machinery is independent of InvSR: :func:`tiled_map` applies any ``fn`` that maps a batch of
-``(N, C, p, p)`` patches to ``(N, C', s*p, s*p)`` and blends the results (INVSR_REFERENCE §5.5).
+``(N, C, p, p)`` patches to ``(N, C', s*p, s*p)`` and blends the results (docs/sampling.md).
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ def pad_to_min_size(x: Tensor, min_size: int) -> tuple[Tensor, int, int]:
 
     Returns ``(padded, top, left)``: the total pads added above and to the left, accumulated over every
     round of looping reflect padding, so that the original occupies ``padded[..., top:top+H, left:left+W]``
-    (INVSR_REFERENCE §5.5 step 1; the official code lost earlier rounds before its PR #51, USERS_AND_PEERS
-    §1.1).
+    (docs/sampling.md; the official code lost earlier rounds before its PR #51).
     """
     h, w = x.shape[-2:]
     need_h, need_w = max(min_size - h, 0), max(min_size - w, 0)
@@ -40,7 +39,7 @@ def pad_to_min_size(x: Tensor, min_size: int) -> tuple[Tensor, int, int]:
 
 
 def pad_to_multiple(x: Tensor, multiple: int) -> Tensor:
-    """Reflect-pad ``x`` (B, C, H, W) bottom/right to the next multiple of ``multiple`` (§5.5 step 3)."""
+    """Reflect-pad ``x`` (B, C, H, W) bottom/right to the next multiple of ``multiple`` (docs/sampling.md)."""
     h, w = x.shape[-2:]
     return reflect_pad(x, 0, -h % multiple, 0, -w % multiple)
 
@@ -49,7 +48,7 @@ def patch_starts(length: int, patch: int, stride: int) -> list[int]:
     """Start offsets of patches of size ``patch`` covering ``[0, length)`` with the given stride.
 
     A single 0 when ``length <= patch``; otherwise 0, stride, 2*stride, ... with the last start clamped to
-    ``length - patch`` so no patch overruns, duplicates removed (INVSR_REFERENCE §5.5 step 3).
+    ``length - patch`` so no patch overruns, duplicates removed (docs/sampling.md).
     """
     if patch <= 0 or stride <= 0:
         raise ValueError(f"patch and stride must be positive, got patch={patch} stride={stride}")
@@ -62,7 +61,7 @@ def patch_starts(length: int, patch: int, stride: int) -> list[int]:
 def gaussian_weights(
     size: int, dtype: torch.dtype = torch.float64, device: torch.device | str | None = None
 ) -> Tensor:
-    """(size, size) blending weights: outer product of two 1-D Gaussians, peak 1 (INVSR_REFERENCE §5.5 s.4).
+    """(size, size) blending weights: outer product of two 1-D Gaussians, peak 1 (docs/sampling.md).
 
     sigma = 0.3 * ((size - 1) / 2 - 1) + 0.8 (OpenCV's default-sigma formula, 77.15 for 512). For even sizes
     the Gaussian is sampled on size + 1 taps centred at size / 2 and the first tap is dropped, so the peak
@@ -78,7 +77,7 @@ def gaussian_weights(
 
 
 def _accumulation_dtype(device: torch.device) -> torch.dtype:
-    # §5.7: blending accumulates in float64; MPS has no float64, float32 is ample there
+    # docs/sampling.md: blending accumulates in float64; MPS has no float64, float32 is ample there
     return torch.float32 if device.type == "mps" else torch.float64
 
 
@@ -96,11 +95,11 @@ def tiled_map(
         x: (B, C, H, W) with H, W >= patch_size (pad first with :func:`pad_to_min_size`).
         fn: maps (N, C, p, p) -> (N, C', s*p, s*p); called on at most ``batch_size`` patches at a time, in a
             fixed order (image 0 row by row, then image 1, ...), so a seeded ``fn`` stays deterministic.
-        patch_size: LR patch size p. stride: defaults to p // 2 (INVSR_REFERENCE §5.5 step 3).
+        patch_size: LR patch size p. stride: defaults to p // 2 (docs/sampling.md).
         batch_size: patches per ``fn`` call (``chopping_batch``).
 
     Returns:
-        (B, C', s*H, s*W) float32: sum(patch * W) / sum(W) with Gaussian weights W (§5.5 step 4), accumulated
+        (B, C', s*H, s*W) float32: sum(patch * W) / sum(W) with Gaussian weights W (sampling.md), accumulated
         in float64. A single patch covering the image is returned as ``fn`` computed it (weights cancel).
     """
     if x.ndim != 4:
@@ -142,7 +141,7 @@ def tiled_map(
 def required_multiple(vae_scale_factor: int, unet_scale_factor: int, scale: int) -> int:
     """LR modulus so that ``scale * h`` is a multiple of ``vae_scale_factor * unet_scale_factor``.
 
-    16 for SD-Turbo at x4 (8 * 8 / 4; INVSR_REFERENCE §5.5 "mod_lq").
+    16 for SD-Turbo at x4 (8 * 8 / 4; docs/sampling.md).
     """
     hr_mod = vae_scale_factor * unet_scale_factor
     return hr_mod // math.gcd(hr_mod, scale)

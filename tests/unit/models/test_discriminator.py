@@ -51,7 +51,7 @@ def _inputs(batch: int = 2, size: int = 16, seed: int = 1):
 
 
 def test_paper_config_parameter_count(meta_paper: LatentDiscriminator) -> None:
-    assert sum(p.numel() for p in meta_paper.parameters()) == 112_082_532  # INVSR_REFERENCE §2.4
+    assert sum(p.numel() for p in meta_paper.parameters()) == 112_082_532  # docs/method.md
     parts = {name: sum(p.numel() for p in child.parameters()) for name, child in meta_paper.named_children()}
     assert parts["conv_in"] == 4_736
     assert parts["feature_in"] == 1_184
@@ -152,7 +152,7 @@ def test_gradient_checkpointing_matches_plain_backward() -> None:
     x_ck, p_ck = grads()
     for h in hooks:
         h.remove()
-    # Each checkpointed block runs twice: forward and recomputation in backward (mid included, §4.5).
+    # Each checkpointed block runs twice: forward and recomputation in backward (mid included).
     assert calls.count("mid") == 2 and calls.count("down0") == 2 and calls.count("up0") == 2
     torch.testing.assert_close(x_ck, x_ref)
     assert p_ck.keys() == p_ref.keys()

@@ -32,7 +32,7 @@ def _layout_digest(layout: dict[str, list[int]]) -> str:
 
 def test_paper_config_matches_released_checkpoint_layout() -> None:
     model = NoisePredictor()
-    assert sum(p.numel() for p in model.parameters()) == 33_837_576  # INVSR_REFERENCE §1.2
+    assert sum(p.numel() for p in model.parameters()) == 33_837_576  # docs/method.md
     layout = {k: list(v.shape) for k, v in model.state_dict().items()}
     assert len(layout) == 164
     assert _layout_digest(layout) == OFFICIAL_LAYOUT_SHA256
@@ -123,7 +123,7 @@ def test_input_errors() -> None:
 
 def test_official_checkpoint_roundtrip(tmp_path: Path) -> None:
     src = small()
-    # A released file: state_dict wrapper, DDP and compile prefixes, fp32 tensors (INVSR_REFERENCE §7.4).
+    # A released file: state_dict wrapper, DDP and compile prefixes, fp32 tensors (docs/checkpoints.md).
     wrapped = {"state_dict": {f"module._orig_mod.{k}": v for k, v in src.state_dict().items()}}
     path = tmp_path / "noise_predictor.pth"
     torch.save(wrapped, path)

@@ -78,7 +78,7 @@ def test_encode_decode_shapes_and_determinism(tiny: FrozenSDTurbo) -> None:
         out = tiny.decode(z1)
     assert z1.shape == (2, 4, 8, 6) and z1.dtype == torch.float32
     torch.testing.assert_close(z1, z2)
-    assert not torch.equal(z1, z3)  # posterior *sample* (INVSR_REFERENCE §7.7.8)
+    assert not torch.equal(z1, z3)  # posterior *sample* (docs/deviations.md)
     torch.testing.assert_close(mean, tiny.encode(image, sample=False))
     mean_direct = tiny.vae.encode(image * 2 - 1).latent_dist.mean * 0.18215
     torch.testing.assert_close(mean, mean_direct)
@@ -99,7 +99,7 @@ def test_predict_eps_and_x0(tiny: FrozenSDTurbo) -> None:
     with torch.no_grad():
         eps = tiny.predict_eps(z_t, idx)
         x0 = tiny.predict_x0(z_t, idx)
-        # The UNet sees the VP input z_t / sqrt(1 + sigma^2) and the cached prompt (INVSR_REFERENCE §0).
+        # The UNet sees the VP input z_t / sqrt(1 + sigma^2) and the cached prompt (docs/conventions.md).
         sigma = tiny.sigma(idx)
         direct = tiny.unet(
             ts.scale_model_input(z_t, sigma), idx, encoder_hidden_states=tiny.prompt_embeds.expand(2, -1, -1)

@@ -1,4 +1,4 @@
-"""Timestep/sigma conventions against the reference table (INVSR_REFERENCE §0, §5.1)."""
+"""Timestep/sigma conventions against the reference table (docs/conventions.md)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 from invsr_pl.models import timesteps as ts
 
-# INVSR_REFERENCE §0 [verified]: user timestep -> sigma.
+# docs/conventions.md: user timestep -> sigma.
 REFERENCE_SIGMAS = {50: 0.223004, 100: 0.341674, 150: 0.453819, 200: 0.569285, 250: 0.693205}
 
 
@@ -27,7 +27,7 @@ def test_sigma_table_matches_reference(sigmas: torch.Tensor) -> None:
 
 
 def test_sigma_table_equals_scheduler_sigmas(sigmas: torch.Tensor) -> None:
-    # The official code flips the scheduler's descending 1001-entry table and drops the trailing 0 (§0).
+    # The official code flips the scheduler's descending 1001-entry table and drops the trailing 0.
     sched = ts.build_scheduler()
     flipped = sched.sigmas.flip(0)[1:].to(torch.float32)
     torch.testing.assert_close(sigmas, flipped, atol=1e-5, rtol=1e-5)
@@ -103,7 +103,7 @@ def test_ve_vp_conversions(sigmas: torch.Tensor) -> None:
     eps = torch.randn(2, 4, 3, 3, generator=g)
     sigma = ts.lookup_sigma(sigmas, ts.to_index([200, 100]))
     z_t = ts.add_noise(z0, eps, sigma)
-    # UNet input equals the VP sample sqrt(abar) z0 + sqrt(1 - abar) eps (§0).
+    # UNet input equals the VP sample sqrt(abar) z0 + sqrt(1 - abar) eps (docs/conventions.md).
     abar = 1.0 / (1.0 + sigma**2)
     vp = abar.sqrt().view(-1, 1, 1, 1) * z0 + (1 - abar).sqrt().view(-1, 1, 1, 1) * eps
     torch.testing.assert_close(ts.scale_model_input(z_t, sigma), vp)

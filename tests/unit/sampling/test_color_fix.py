@@ -1,4 +1,4 @@
-"""Colour corrections (INVSR_REFERENCE §5.6)."""
+"""Colour corrections (docs/sampling.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""InvSRSampler: Algorithm 1, any-size tiling, determinism, colour fix (INVSR_REFERENCE §5).
+"""InvSRSampler: Algorithm 1, any-size tiling, determinism, colour fix (docs/sampling.md).
 
 Two kinds of backbone: the project's tiny random SD-Turbo (real code paths: shapes, ranges, determinism,
 UNet calls per step) and a *local* stand-in whose encode/decode/eps are pixel-local and noise-free, so that a
@@ -194,7 +194,7 @@ def test_tiny_sampler_shapes_range_and_determinism(tiny: tuple[nn.Module, nn.Mod
 
 
 def test_half_backbone_runs_noise_predictor_under_autocast(tiny: tuple[nn.Module, nn.Module]) -> None:
-    """§5.7: fp32 noise-predictor weights under autocast when the backbone is half precision (bf16 on CPU)."""
+    """docs/sampling.md: fp32 noise-predictor weights under autocast in a half backbone (bf16 on CPU)."""
     from invsr_pl.models.tiny import build_tiny_sd_turbo
 
     _, noise_predictor = tiny

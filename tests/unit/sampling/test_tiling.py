@@ -1,4 +1,4 @@
-"""Padding, patch layout and Gaussian blending (INVSR_REFERENCE §5.5)."""
+"""Padding, patch layout and Gaussian blending (docs/sampling.md)."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_patch_starts_cover_the_axis_without_overrun() -> None:
 def test_gaussian_weights_match_reference_shape() -> None:
     w = gaussian_weights(512)
     assert w.shape == (512, 512) and w.dtype == torch.float64
-    # §5.5 step 4: peak at index L/2 - 1, edge/peak ratio about 0.0042
+    # docs/sampling.md: peak at index L/2 - 1, edge/peak ratio about 0.0042
     assert int(w[255].argmax()) == 255 and w[255, 255] == 1.0
     assert w[255, 0].item() == pytest.approx(0.0042, abs=2e-4)
     assert torch.allclose(w, w.T)
@@ -85,6 +85,6 @@ def test_tiled_map_calls_fn_in_fixed_order_and_checks_sizes() -> None:
 
 
 def test_required_multiple() -> None:
-    assert required_multiple(8, 8, 4) == 16  # SD-Turbo x4 (§5.5 mod_lq)
+    assert required_multiple(8, 8, 4) == 16  # SD-Turbo x4 (docs/sampling.md mod_lq)
     assert required_multiple(8, 8, 2) == 32
     assert required_multiple(8, 2, 4) == 4
