@@ -22,6 +22,8 @@ from typing import Any
 
 import lightning as L
 import torch
+from diffusers import AutoencoderKL
+from diffusers.utils.torch_utils import randn_tensor
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -319,22 +321,19 @@ class LatentLPIPSLitModule(L.LightningModule):
 
 def _vae_geometry(backbone: nn.Module) -> tuple[int, int]:
     """(latent channels, spatial factor) of a FrozenSDTurbo-like backbone or a diffusers AutoencoderKL."""
+    if isinstance(backbone, AutoencoderKL):
+        return int(backbone.config.latent_channels), 2 ** (len(backbone.config.block_out_channels) - 1)
     if hasattr(backbone, "latent_channels") and hasattr(backbone, "vae_scale_factor"):
         return int(backbone.latent_channels), int(backbone.vae_scale_factor)
-    config = getattr(backbone, "config", None)
-    if config is not None and hasattr(config, "latent_channels"):
-        return int(config.latent_channels), 2 ** (len(config.block_out_channels) - 1)
     raise TypeError(
         f"backbone must be a FrozenSDTurbo or a diffusers AutoencoderKL, got {type(backbone).__name__}"
     )
 
 
 def _encode(backbone: nn.Module, images: Tensor, sample: bool, generator: torch.Generator | None) -> Tensor:
-    if hasattr(backbone, "latent_channels") and hasattr(backbone, "encode"):
+    if not isinstance(backbone, AutoencoderKL):
         return backbone.encode(images, generator=generator, sample=sample)  # FrozenSDTurbo: one encode path
     # A bare AutoencoderKL: diffusers pipelines scale its latents as (z - shift_factor) * scaling_factor.
-    from diffusers.utils.torch_utils import randn_tensor
-
     weight = next(backbone.parameters())
     posterior = backbone.encode(images.to(weight.device, weight.dtype) * 2.0 - 1.0).latent_dist
     latent = posterior.mean.float()

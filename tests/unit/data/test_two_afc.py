@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from datamodules.samples import load_sample
 from datamodules.two_afc import TwoAFCDataModule, TwoAFCFolder, TwoAFCLayoutError, write_two_afc_tree
 from datamodules.two_afc_synthetic import (
     DISTORTIONS,
@@ -19,7 +20,6 @@ from datamodules.two_afc_synthetic import (
     main,
     reference_distance,
 )
-from datamodules.samples import load_sample
 
 PARTS = ("ref", "p0", "p1")
 
@@ -43,7 +43,7 @@ def test_synthetic_items_are_deterministic_and_well_formed() -> None:
         x, y = a[i], b[i]
         for part in PARTS:
             assert x[part].shape == (3, 64, 64) and x[part].dtype == torch.float32
-            assert 0 <= x[part].min() and x[part].max() <= 1
+            assert x[part].min() >= 0 and x[part].max() <= 1
             assert torch.equal(x[part], (x[part] * 255).round() / 255)  # on the 8-bit grid, as stored PNGs
             assert torch.equal(x[part], y[part])
         assert x["judge"].shape == () and torch.equal(x["judge"], y["judge"])
@@ -164,7 +164,9 @@ def test_writer_never_overwrites(tree: tuple[Path, SyntheticTwoAFC]) -> None:
 
 
 def test_cli_writes_a_set_and_reports_setup_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["--output", str(tmp_path), "--split", "train", "--num-triplets", "4", "--names", "moon"]) == 0
+    assert (
+        main(["--output", str(tmp_path), "--split", "train", "--num-triplets", "4", "--names", "moon"]) == 0
+    )
     assert len(TwoAFCFolder(tmp_path, split="train")) == 4
     assert main(["--output", str(tmp_path), "--split", "train", "--num-triplets", "4"]) == 2
     assert "exists already" in capsys.readouterr().err
