@@ -48,13 +48,14 @@ def train_env() -> dict[str, str]:
 
 
 def smoke_overrides(tmp_path: Path, *extra: str) -> list[str]:
-    """A seconds-long CPU run (experiment=smoke) with every output below ``tmp_path``."""
+    """A seconds-long CPU run (experiment=smoke) with every output below ``tmp_path``; the run folder is
+    ``tmp_path/logs/smoke/runs/r``, where ``ckpt_path=last`` looks."""
     return [
         "experiment=smoke",
         "logger=csv",
         "callbacks.image_logger=null",
         f"paths.log_dir={tmp_path / 'logs'}",
-        f"hydra.run.dir={tmp_path / 'run'}",
+        f"hydra.run.dir={tmp_path / 'logs' / 'smoke' / 'runs' / 'r'}",
         *extra,
     ]
 
