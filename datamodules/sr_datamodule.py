@@ -3,10 +3,10 @@
 Training batches leave the DataLoader as ``{"gt": (B, 3, H, W)}``. After the transfer to the device,
 ``on_after_batch_transfer`` (training only) synthesises the LQ with the degradation module and a per-rank
 ``torch.Generator``, passes the pair through the training pair pool, and the LightningModule receives
-``{"lq": (B, 3, H/s, W/s), "gt": (B, 3, H, W)}`` float32 in [0, 1] (INVSR_REFERENCE §4.2, §6.1).
+``{"lq": (B, 3, H/s, W/s), "gt": (B, 3, H, W)}`` float32 in [0, 1] (docs/training.md, docs/data.md).
 Validation / test batches are ``{"lq", "gt", "name": list[str]}`` or ``{"lq", "name"}`` (no-reference sets).
 
-Randomness (ARCHITECTURE C4.15): every stream derives from ``seed`` with :func:`stable_seed` —
+Randomness (docs/data.md): every stream derives from ``seed`` with :func:`stable_seed` —
 the DataLoader's shuffle/worker-seed generator from (seed, rank), each worker's crop/flip generator from
 (seed, rank, worker, PyTorch's per-epoch worker seed), and the degradation generator from (seed, rank). The
 degradation generator state and the pair pool of every rank are saved in checkpoints through
@@ -216,16 +216,16 @@ class SRDataModule(LightningDataModule):
             :attr:`test_names` gives the names. ``None`` tests on ``val_dataset`` (named ``"val"``).
         degradation: ``RealESRGANDegradation`` (or any module with its ``forward(gt, generator)``) applied on
             the device to training batches. ``None`` needs a train set that yields LQ itself.
-        global_batch_size: training images per iteration over all devices (the paper: 64, §4.1). Each
-            device loads ``global_batch_size / world_size`` (:func:`invsr_pl.utils.batching.derive_batch`,
-            applied at ``setup`` from the trainer's world size; 1 without a trainer), see :attr:`batch_plan`.
+        global_batch_size: training images per iteration over all devices (the paper: 64, docs/training.md).
+            Each device loads ``global_batch_size / world_size`` (``invsr_pl.utils.batching.derive_batch``,
+            applied at ``setup`` from the trainer's world size; 1 without a trainer); see :attr:`batch_plan`.
         val_batch_size, test_batch_size: 1 by default, because full-size sets mix image sizes.
         num_workers: training DataLoader workers.
         val_num_workers: workers for validation/test loaders; ``None`` = ``num_workers``.
         pin_memory: pin host memory for faster copies to the GPU.
         persistent_workers: keep workers between epochs (only when there are workers).
-        pair_pool_size: size of the training pair pool (§4.2 step 4); ``None`` = 10 x the per-device batch
-            as in the paper, 0 = no pool.
+        pair_pool_size: size of the training pair pool (docs/training.md); ``None`` = 10 x the per-device
+            batch as in the paper, 0 = no pool.
         seed: base of every data random stream (see the module docstring).
         drop_last: drop the last incomplete training batch (the paper does).
     """
@@ -291,7 +291,7 @@ class SRDataModule(LightningDataModule):
             micro = getattr(module, "hparams", {}).get("micro_batch_size")
         self.batch_plan: BatchPlan = derive_batch(self.global_batch_size, int(world_size), micro)
         self.batch_size = self.batch_plan.per_device_batch_size  # the training DataLoader's batch
-        # §4.2 step 4: the queue holds 10 x the per-GPU batch unless configured.
+        # docs/training.md: the queue holds 10 x the per-GPU batch unless configured.
         setting = self._pair_pool_setting
         self.pair_pool_size = 10 * self.batch_size if setting is None else int(setting)
         if self.pair_pool is None or self.pair_pool.size != self.pair_pool_size:
@@ -452,12 +452,12 @@ class SRDataModule(LightningDataModule):
             if self._degradation_device != gt.device:
                 self.degradation.to(gt.device)
                 self._degradation_device = gt.device
-            lq = self.degradation(gt, generator=gen)  # (B, 3, H/s, W/s), INVSR_REFERENCE §6.1 GPU degradation
+            lq = self.degradation(gt, generator=gen)  # (B, 3, H/s, W/s), docs/data.md GPU degradation
         if self.pair_pool is not None:
             if self._pending_pool is not None:
                 self.pair_pool.load_state_dict(_unpack(self._pending_pool, gt.device))
                 self._pending_pool = None
-            pooled = self.pair_pool({"lq": lq, "gt": gt}, generator=gen)  # §4.2 step 4
+            pooled = self.pair_pool({"lq": lq, "gt": gt}, generator=gen)  # docs/training.md
             lq, gt = pooled["lq"], pooled["gt"]
         return {"lq": lq.contiguous(), "gt": gt.contiguous()}
 

@@ -1,4 +1,4 @@
-"""InvSRLitModule: the InvSR training system (INVSR_REFERENCE §4); it orchestrates, the models compute.
+"""InvSRLitModule: the InvSR training system (docs/training.md); it orchestrates, the models compute.
 
 Per iteration: generator (noise predictor) step, then discriminator step; manual optimisation with micro-batch
 accumulation, gradient clipping from the model config and a non-finite guard. Validation samples through
@@ -8,7 +8,7 @@ AMP: ``manual_backward`` and ``LightningOptimizer.step`` go through the trainer'
 "16-mixed" it scales the loss in ``manual_backward``; inside ``opt.step()`` it unscales the gradients *before*
 ``on_before_optimizer_step`` and its GradScaler skips steps with inf/NaN gradients. So we clip in
 ``on_before_optimizer_step``, where gradients are unscaled for every precision. (One GradScaler serves both
-optimisers; the official trainer keeps two, §4.5.)
+optimisers; the official trainer keeps two, docs/training.md.)
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from invsr_pl.evaluation import batch_positions, sr_generator
 from invsr_pl.losses.adversarial import clamp_fake, generator_adv_loss, hinge_d_loss
 from invsr_pl.metrics import VALIDATION_PROTOCOL, MetricSet, build_metric_set, load_protocol, score_images
+from invsr_pl.models.timesteps import to_index, validate_timesteps
 from invsr_pl.sampling.color_fix import upsample_reference
 from invsr_pl.sampling.sampler import InvSRSampler
-from invsr_pl.sampling.timesteps import to_index, validate_timesteps
 from invsr_pl.utils.checkpoint import read_state_dict
 from invsr_pl.utils.seeding import stable_seed
 
@@ -43,14 +43,14 @@ if TYPE_CHECKING:
     from invsr_pl.models.sd_turbo import FrozenSDTurbo
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-# Frozen parts are never checkpointed (ARCHITECTURE fact 7); they are rebuilt from their own weight files.
+# Frozen parts are never checkpointed (docs/lightning.md); they are rebuilt from their own weight files.
 NOT_CHECKPOINTED = ("backbone.", "lpips.", "val_metrics.", "test_metrics.")
 
 
 def warmup_factor(scheduler_steps: int, warmup_steps: int) -> float:
     """Linear warm-up: iteration j (after j - 1 scheduler steps) uses ``min(j / warmup, 1)`` of the lr.
 
-    INVSR_REFERENCE §4.5/§7.7.1: the official trainer is off by one (iteration 1 uses the full lr).
+    docs/training.md: the official trainer is off by one (iteration 1 uses the full lr).
     """
     return 1.0 if warmup_steps <= 0 else min((scheduler_steps + 1) / warmup_steps, 1.0)
 
@@ -101,8 +101,8 @@ class InvSRLitModule(L.LightningModule):
         modules = ["backbone", "noise_predictor", "discriminator", "lpips", "optimizer_g", "optimizer_d"]
         self.save_hyperparameters(ignore=modules)
         self.automatic_optimization = False
-        self.strict_loading = False  # checkpoints hold no backbone/LPIPS weights (ARCHITECTURE fact 7)
-        self.backbone = backbone.requires_grad_(False).eval()  # frozen before DDP wraps (ARCHITECTURE fact 6)
+        self.strict_loading = False  # checkpoints hold no backbone/LPIPS weights (docs/lightning.md)
+        self.backbone = backbone.requires_grad_(False).eval()  # frozen before DDP wraps (docs/lightning.md)
         self.noise_predictor = noise_predictor
         self.discriminator = discriminator
         if gradient_checkpointing:  # the UNet and D are checkpointed in training, as the reference trainer
@@ -113,7 +113,7 @@ class InvSRLitModule(L.LightningModule):
         if compile:
             self._compile({} if compile is True else dict(compile))
         self.lpips = lpips.requires_grad_(False).eval() if lpips is not None else None
-        # §4.4: AdamW for G; Adam with coupled weight decay for D; lr 5e-5, default betas.
+        # docs/training.md: AdamW for G; Adam with coupled weight decay for D; lr 5e-5, default betas.
         self.optimizer_g = optimizer_g or partial(torch.optim.AdamW, lr=5e-5, weight_decay=0.0)
         self.optimizer_d = optimizer_d or partial(torch.optim.Adam, lr=5e-5, weight_decay=1e-3)
         self.train_timesteps = validate_timesteps(list(train_timesteps))
@@ -123,7 +123,7 @@ class InvSRLitModule(L.LightningModule):
         # built in setup(), before the strategy moves the module, once we know whether LPIPS weights exist
         self.val_metrics: nn.ModuleDict | None = None
         self.test_metrics = nn.ModuleList()
-        self.iteration = 0  # our own counter: trainer.global_step counts G and D steps (ARCHITECTURE fact 4)
+        self.iteration = 0  # our own counter: trainer.global_step counts G and D steps (docs/lightning.md)
         self.skipped_steps = 0
         self.consecutive_nonfinite = 0
         self.last_val_images: dict[str, Any] | None = None
@@ -154,10 +154,10 @@ class InvSRLitModule(L.LightningModule):
         self.iteration += 1
         k, hp = self.iteration, self.hparams
         # training randomness is a function of (seed, rank, iteration): exact resume without saved RNG states,
-        # distinct streams per rank (§4.5: seed + rank)
+        # distinct streams per rank (docs/training.md: seed + rank)
         seed = stable_seed(hp.seed, "iteration", self.global_rank, k)
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        # §4.3 step 1: one starting timestep per sample, uniform over the configured set
+        # docs/training.md: one starting timestep per sample, uniform over the configured set
         choice = torch.randint(len(self.train_timesteps), (lq.shape[0],), generator=gen, device=self.device)
         index = self.train_indices[choice]  # (B,) long diffusion index = t - 1
         scale = getattr(self.noise_predictor, "scale", None)
@@ -167,7 +167,7 @@ class InvSRLitModule(L.LightningModule):
                 "noise predictor's scale): data.degradation.scale and model.noise_predictor.scale differ; "
                 "set both with the top-level `scale` key"
             )
-        # §4.3 step 8 / §4.4: G gets the adversarial term after the D warm-up; D trains from iteration 1,
+        # docs/training.md: G gets the adversarial term after the D warm-up; D trains from iteration 1,
         # every iteration during the warm-up (k < dis_warmup_steps, as the reference) and then every
         # dis_update_freq-th iteration (docs/training.md)
         adversarial = self.discriminator is not None and hp.gan_weight > 0 and k > hp.dis_warmup_steps
@@ -184,7 +184,8 @@ class InvSRLitModule(L.LightningModule):
             self.trainer.should_stop = True
 
     def _generator_step(self, lq: Tensor, gt: Tensor, index: Tensor, gen: torch.Generator, adversarial: bool):
-        """Accumulated G update over micro-batches (§4.3). Returns [(fake, real, index)] per micro-batch for D
+        """Accumulated G update over micro-batches (docs/training.md). Returns [(fake, real, index)] per
+        micro-batch for D
         (fake = clamped detached x0_hat, real = GT latent, both (b,4,H/8,W/8)), or None if skipped."""
         opt_g = self._optimizers()[0]
         chunks = self._micro_batches(lq, gt, index)
@@ -192,7 +193,7 @@ class InvSRLitModule(L.LightningModule):
         per_sample: dict[str, list[Tensor]] = {}
         fakes = []
         for i, (lq_i, gt_i, idx_i) in enumerate(chunks):
-            # all-reduce on the last micro-batch only (ARCHITECTURE fact 2); D frozen while G steps (fact 1)
+            # all-reduce on the last micro-batch only; D frozen while G steps (docs/lightning.md)
             with opt_g.toggle_model(sync_grad=i == len(chunks) - 1):
                 terms, x0, z_gt = self._generator_losses(lq_i, gt_i, idx_i, gen, adversarial)
                 self.manual_backward(terms["loss"].sum() / lq.shape[0])  # = batch mean over all micro-batches
@@ -212,13 +213,13 @@ class InvSRLitModule(L.LightningModule):
         """Per-sample terms {l2, lpips, gan_g, loss} (b,) float32; x0_hat and GT latent (b,4,H/8,W/8)."""
         hp = self.hparams
         with torch.no_grad():
-            # §4.3 step 4: bicubic to the GT size, no antialias, no clamp; posterior samples (§7.7.8)
+            # bicubic to the GT size, no antialias, no clamp; posterior samples (docs/training.md)
             lq_up = F.interpolate(lq, size=gt.shape[-2:], mode="bicubic", align_corners=False)
             z_lq = self.backbone.encode(lq_up, generator=gen)
             z_gt = self.backbone.encode(gt, generator=gen)
         sigma = self.backbone.sigma(index).view(-1, 1, 1, 1)
         noise = self.noise_predictor(lq, index).sample(generator=gen)  # reparameterised
-        # §4.3 steps 5-7: z_t = z_lq + sigma * noise; gradients flow through the frozen UNet into the NP
+        # docs/training.md: z_t = z_lq + sigma * noise; gradients flow through the frozen UNet into the NP
         x0 = self.backbone.predict_x0(z_lq + sigma * noise.float(), index)
         zero = x0.new_zeros(x0.shape[0])
         terms = {"l2": (x0 - z_gt).pow(2).mean(dim=(1, 2, 3))}
@@ -232,7 +233,7 @@ class InvSRLitModule(L.LightningModule):
         return terms, x0, z_gt
 
     def _discriminator_step(self, fakes: list[tuple[Tensor, Tensor, Tensor]], batch_size: int) -> bool:
-        """Accumulated hinge D update (§2.5, §4.4) on the G step's micro-batches; False if skipped."""
+        """Accumulated hinge D update (docs/method.md) on the G step's micro-batches; False if skipped."""
         opt_d = self._optimizers()[1]
         opt_d.zero_grad()
         sums = []  # per micro-batch: summed D loss, mean real logit and mean fake logit times b
@@ -456,11 +457,11 @@ class InvSRLitModule(L.LightningModule):
         return opts if isinstance(opts, list) else [opts]
 
     def _prompt(self, batch_size: int) -> Tensor:
-        """Positive-prompt embeddings (b,77,D) float32 (§4.3 step 3, §7.1)."""
+        """Positive-prompt embeddings (b,77,D) float32 (docs/training.md, docs/conventions.md)."""
         return self.backbone.prompt_embeds.expand(batch_size, -1, -1).float()
 
     def _micro_batches(self, lq: Tensor, gt: Tensor, index: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
-        size = self.hparams.micro_batch_size or lq.shape[0]  # accumulate = ceil(B / micro_batch_size), §4.3
+        size = self.hparams.micro_batch_size or lq.shape[0]  # ceil(B / size) passes (docs/training.md)
         return list(zip(lq.split(size), gt.split(size), index.split(size), strict=True))
 
     def _term_means(self, terms: dict[str, Tensor], index: Tensor) -> dict[str, float]:

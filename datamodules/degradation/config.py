@@ -1,4 +1,4 @@
-"""Typed settings of the Real-ESRGAN degradation (INVSR_REFERENCE §6.1 training, §6.3 ImageNet-Test).
+"""Typed settings of the Real-ESRGAN degradation: training and ImageNet-Test presets (docs/data.md).
 
 Defaults are the paper's training settings. Each dataclass field is a YAML key one-to-one:
 ``conf/data/degradation/realesrgan_x4.yaml`` holds ``first_stage:``, ``second_stage:`` and ``final_stage:``
@@ -48,7 +48,7 @@ def _probs(value: Any, n: int, name: str) -> tuple[float, ...]:
 
 @dataclass
 class KernelConfig:
-    """One random blur kernel per sample (INVSR_REFERENCE §6.1 steps 4-5).
+    """One random blur kernel per sample (docs/data.md).
 
     Attributes:
         size: padded kernel size (odd); actual sizes are uniform over {3, 5, ..., size - 2}.
@@ -78,7 +78,7 @@ class KernelConfig:
 
 @dataclass
 class FirstStageConfig:
-    """First degradation stage: blur -> resize -> noise -> JPEG (INVSR_REFERENCE §6.1 GPU step 1).
+    """First degradation stage: blur -> resize -> noise -> JPEG (docs/data.md).
 
     Attributes:
         kernel: blur kernel settings (kernel 1).
@@ -111,7 +111,7 @@ class FirstStageConfig:
 
 @dataclass
 class SecondStageConfig:
-    """Second stage, taken per sample with probability ``prob``: blur -> resize -> noise (§6.1 GPU step 2).
+    """Second stage, taken per sample with probability ``prob``: blur -> resize -> noise (docs/data.md).
 
     The resize target is (H / scale * s, W / scale * s), one s per batch, as in the recipe.
     """
@@ -134,7 +134,7 @@ class SecondStageConfig:
 
 @dataclass
 class FinalStageConfig:
-    """Final stage: resize to GT / scale, sinc filter and JPEG in one of two orders (§6.1 GPU step 3).
+    """Final stage: resize to GT / scale, sinc filter and JPEG in one of two orders (docs/data.md).
 
     Attributes:
         sinc_prob: per-sample probability of the final sinc filter (else identity).
@@ -227,12 +227,12 @@ class DegradationConfig:
 
 
 def realesrgan_config(scale: int = 4) -> DegradationConfig:
-    """The paper's training degradation (INVSR_REFERENCE §6.1): ``DegradationConfig(scale=scale)``."""
+    """The paper's training degradation (docs/data.md): ``DegradationConfig(scale=scale)``."""
     return DegradationConfig(scale=scale)
 
 
 def imagenet_test_config(scale: int = 4) -> DegradationConfig:
-    """ImageNet-Test synthesis settings (INVSR_REFERENCE §6.3, USERS_AND_PEERS §4.5).
+    """ImageNet-Test synthesis settings (docs/data.md).
 
     Kernel 1 padded to 13 (sizes 3..11, iso/aniso 0.6/0.4, sigma [0.2, 0.8], sinc 0.1); resize [0.5, 1.5];
     noise sigma [1, 15] or Poisson [0.05, 0.3]; JPEG [70, 95]; second stage never taken (its would-be settings

@@ -49,7 +49,7 @@ def test_experiment_composes(experiment: str, compose_cfg: Compose) -> None:
 
 
 def test_invsr_x4_is_the_paper_recipe(compose_cfg: Compose) -> None:
-    """Compose only: the real SD-Turbo backbone is never built in default tests (INVSR_REFERENCE §4)."""
+    """Compose only: the real SD-Turbo backbone is never built in default tests (docs/training.md)."""
     cfg = compose_cfg(["experiment=invsr_x4"])
     m, t = cfg.model, cfg.trainer
     assert cfg.data.global_batch_size == 64 and cfg.scale == 4  # docs/training.md, whatever the device count

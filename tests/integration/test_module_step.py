@@ -13,13 +13,9 @@ from torch.utils.data import DataLoader
 
 from invsr_pl.invsr_module import InvSRLitModule, warmup_factor
 from invsr_pl.losses.perceptual import LatentLPIPS
-from invsr_pl.models.discriminator import TINY_DISCRIMINATOR_KWARGS, LatentDiscriminator
-from invsr_pl.models.noise_predictor import NoisePredictor
-from invsr_pl.models.tiny import build_tiny_sd_turbo
+from invsr_pl.models.tiny import build_tiny_sd_turbo, tiny_discriminator, tiny_noise_predictor
 from invsr_pl.utils.logging import parameter_summary
 
-TINY_NP = dict(block_out_channels=(32, 32), layers_per_block=1, attention_head_dim=8, norm_num_groups=8,
-               temb_channels=32)  # fmt: skip
 LQ, GT = 16, 64  # LQ 16 px -> GT 64 px (x4) -> latent 8 px
 
 
@@ -28,8 +24,8 @@ def make_module(seed: int = 0, **overrides) -> InvSRLitModule:
     torch.manual_seed(seed)
     kwargs = dict(
         backbone=build_tiny_sd_turbo(seed=0),
-        noise_predictor=NoisePredictor(**TINY_NP),
-        discriminator=LatentDiscriminator(**TINY_DISCRIMINATOR_KWARGS),
+        noise_predictor=tiny_noise_predictor(),
+        discriminator=tiny_discriminator(),
         lpips=LatentLPIPS(random_init=True),
         optimizer_g=partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.0),
         optimizer_d=partial(torch.optim.Adam, lr=1e-3, weight_decay=1e-3),

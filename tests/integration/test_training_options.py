@@ -101,3 +101,15 @@ def test_compiled_training_step_matches_eager() -> None:
     eager, comp = results
     for key in ("train/loss", "train/l2", "train/lpips", "train/gan_g", "train/d_loss"):
         assert comp[key] == pytest.approx(eager[key], rel=1e-4, abs=1e-6), key
+
+
+def test_progress_bar_counts_iterations_out_of_max_iterations() -> None:
+    from callbacks.progress import IterationProgressBar
+
+    module = make_module(max_iterations=3)
+    bar = IterationProgressBar()
+    # two epochs of two batches: the run stops on max_iterations in the second epoch, on one task
+    fit(module, make_batches(2), callbacks=[bar], enable_progress_bar=True, max_epochs=2)
+    task = bar.progress.tasks[bar.train_progress_bar_id]
+    assert (task.total, task.completed) == (3, 3) and module.iteration == 3
+    assert task.description.strip().endswith("Iteration")

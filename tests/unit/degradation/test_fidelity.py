@@ -1,4 +1,4 @@
-"""Fidelity of the batched pipeline to the Real-ESRGAN recipe it re-implements (INVSR_REFERENCE §6.1).
+"""Fidelity of the batched pipeline to the Real-ESRGAN recipe it re-implements (docs/data.md).
 
 Two kinds of checks:
 
@@ -158,7 +158,7 @@ def _ref_jpeg(x: torch.Tensor, quality: float) -> torch.Tensor:
 
 
 def _ref_degrade(gt: torch.Tensor, rng: random.Random, tg: torch.Generator) -> torch.Tensor:
-    """The recipe of INVSR_REFERENCE §6.1 for one (1, 3, H, W) image, sf = 4."""
+    """The recipe of docs/data.md for one (1, 3, H, W) image, sf = 4."""
     types = ["iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"]
     probs = [0.45, 0.25, 0.12, 0.03, 0.12, 0.03]
     modes = ["area", "bilinear", "bicubic"]
