@@ -164,3 +164,117 @@ def test_bad_shapes_raise(lpips: LatentLPIPS) -> None:
         lpips(x, y[:, :3])
     with pytest.raises(ValueError, match="latents"):
         lpips(x, y[:1])
+
+
+# ---------------------------------------------------------------- training the metric (docs/latent_lpips.md)
+def test_tiny_and_wide_twins_keep_the_released_keys() -> None:
+    reference = _official_layout()
+    tiny = LatentLPIPS(random_init=True, base_channels=8, in_channels=16)
+    shapes = {k: tuple(v.shape) for k, v in tiny.state_dict().items()}
+    assert list(shapes) == list(reference)
+    assert shapes["net.slice1.0.weight"] == (8, 16, 3, 3) and shapes["lins.4.model.1.weight"] == (1, 64, 1, 1)
+    d = tiny(torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8))
+    assert d.shape == (2,) and (d > 0).all()
+    with pytest.raises(ValueError, match="base_channels"):
+        LatentLPIPS(random_init=True, base_channels=12)
+
+
+def test_save_weights_round_trip(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    model = LatentLPIPS(random_init=True, base_channels=8)
+    with torch.no_grad():
+        model.lins[1].model[1].weight.uniform_(0, 1)
+    path = model.save_weights(tmp_path / "sub" / "latent_lpips.pth")
+    state = torch.load(path, weights_only=True)
+    assert list(state) == list(_official_layout())  # the released key layout and order
+    assert all(v.dtype == torch.float32 and v.is_contiguous() for v in state.values())
+    assert torch.equal(state["lin1.model.1.weight"], state["lins.1.model.1.weight"])
+    assert state["lin1.model.1.weight"].data_ptr() != state["lins.1.model.1.weight"].data_ptr()
+    loaded = LatentLPIPS(weights_path=str(path), base_channels=8)
+    assert loaded.weights_source == str(path)
+    x, y = _latents()
+    torch.testing.assert_close(loaded(x, y), model(x, y))
+    assert [p.name for p in path.parent.iterdir()] == ["latent_lpips.pth"]  # no temporary file left
+    with pytest.raises(ValueError, match="set in_channels / base_channels"):
+        LatentLPIPS(weights_path=str(path))  # a tiny file into a full-width module
+
+
+def test_full_width_export_loads_strictly(tmp_path: Path, lpips: LatentLPIPS) -> None:
+    path = lpips.save_weights(tmp_path / "vgg16_latent_lpips.pth")
+    loaded = LatentLPIPS(weights_path=str(path))
+    for key, value in lpips.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_imagenet_trunk_widens_conv1_from_channel_0(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    shapes = {k: v.shape for k, v in LatentLPIPS(random_init=True).net.state_dict().items()}
+    state = {}
+    for key, shape in shapes.items():  # torchvision's names: features.<index>.<weight|bias>
+        index, kind = key.split(".")[1:]
+        shape = (64, 3, 3, 3) if key == "slice1.0.weight" else tuple(shape)
+        state[f"features.{index}.{kind}"] = torch.randn(*shape, generator=g)
+    path = tmp_path / "vgg16-397923af.pth"
+    torch.save(state, path)
+    model = LatentLPIPS(random_init=True, imagenet_trunk=True, vgg16_weights_path=str(path), in_channels=4)
+    conv1 = model.net.slice1[0].weight
+    assert torch.equal(conv1, state["features.0.weight"][:, :1].repeat(1, 4, 1, 1))
+    assert torch.equal(model.net.slice1[0].bias, state["features.0.bias"])
+    assert torch.equal(model.net.slice5.get_submodule("28").weight, state["features.28.weight"])
+
+
+def test_imagenet_trunk_missing_file_names_it(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        LatentLPIPS(random_init=True, imagenet_trunk=True, vgg16_weights_path=str(tmp_path / "v.pth"))
+    message = str(info.value)
+    assert "vgg16-397923af.pth" in message and str(tmp_path / "v.pth") in message
+    assert "https://download.pytorch.org/models/vgg16-397923af.pth" in message
+    with pytest.raises(ValueError, match="random_init"):
+        LatentLPIPS(weights_path="x.pth", imagenet_trunk=True)
+    with pytest.raises(ValueError, match="base_channels=64"):
+        LatentLPIPS(random_init=True, imagenet_trunk=True, base_channels=8)
+
+
+def test_lin_and_tune_modes_and_head_clamp() -> None:
+    model = LatentLPIPS(random_init=True, base_channels=8)
+    model.set_trainable(heads=True, trunk=False)  # "lin"
+    assert all(p.requires_grad for p in model.lins.parameters())
+    assert not any(p.requires_grad for p in model.net.parameters())
+    model.train()
+    assert model.training and model.lins[0].model[0].training  # dropout in the heads while training
+    model.set_trainable(heads=True, trunk=True)  # "tune"
+    assert all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        model.lins[2].model[1].weight.fill_(-1.0)
+    model.clamp_heads_()
+    assert (model.lin2.model[1].weight == 0).all()
+    model.set_trainable(heads=False, trunk=False)  # frozen again: eval whatever is asked
+    assert not model.train().training
+
+
+def test_distances_2afc_match_two_forward_calls(lpips: LatentLPIPS) -> None:
+    ref, p0 = _latents(seed=1)
+    p1 = _latents(seed=2)[0]
+    d0, d1 = lpips.distances_2afc(ref, p0, p1)
+    torch.testing.assert_close(d0, lpips(ref, p0))
+    torch.testing.assert_close(d1, lpips(ref, p1))
+
+
+def test_ranker_learns_a_judgment_rule() -> None:
+    from invsr_pl.losses.perceptual import TwoAFCRanker
+
+    torch.manual_seed(0)
+    ranker = TwoAFCRanker()
+    d0, d1 = torch.rand(256), torch.rand(256)
+    judge = (d1 < d0).float()
+    logits = ranker(d0, d1)
+    assert logits.shape == (256,)
+    expected = torch.nn.functional.binary_cross_entropy(torch.sigmoid(logits), judge)
+    torch.testing.assert_close(ranker.loss(d0, d1, judge), expected)
+    opt = torch.optim.Adam(ranker.parameters(), lr=1e-2)
+    for _ in range(200):
+        opt.zero_grad()
+        loss = ranker.loss(d0, d1, judge)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.3
