@@ -28,11 +28,6 @@ __all__ = ["API_NAME", "build_app", "launch"]
 API_NAME = "upscale"  # the single-image endpoint: gradio_client's predict(..., api_name="/upscale")
 GPU_QUEUE = "gpu"  # concurrency id shared by every event that runs the networks
 
-# system fonts: the default theme would make every visitor's browser fetch Google Fonts (offline by default)
-THEME = gr.themes.Default(
-    font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
-)
-
 CLIENT_EXAMPLE = """```python
 from gradio_client import Client, handle_file
 client = Client("{url}")
@@ -215,7 +210,6 @@ def launch(
         share=share,
         max_file_size=f"{max_upload_mb}mb",
         show_error=True,
-        theme=THEME,
         prevent_thread_lock=not block,
     )
     return url

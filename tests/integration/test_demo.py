@@ -328,6 +328,8 @@ def test_browser_uploads_runs_and_downloads_a_4x_png(
         browser = pw.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+            elsewhere: list[str] = []  # offline by default: the page loads nothing from other hosts
+            page.on("request", lambda r: None if _local(r.url, demo_server) else elsewhere.append(r.url))
             page.goto(demo_server.url)
             expect(page.locator("#model-info")).to_contain_text("Smoke mode")
             expect(page.locator("#model-info")).to_contain_text("Device cpu")
@@ -353,8 +355,52 @@ def test_browser_uploads_runs_and_downloads_a_4x_png(
             shot = os.environ.get("INVSR_DEMO_SCREENSHOT")
             if shot:
                 page.screenshot(path=shot, full_page=True)
+            assert elsewhere == []
         finally:
             browser.close()
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_browser_batch_zips_results_and_lists_failures(
+    demo_server: DemoServer, chromium: str, tmp_path: Path
+) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    good, junk = tmp_path / "good.png", tmp_path / "junk.png"
+    write_image(good, _gradient(12, 16))
+    junk.write_bytes(b"not a png")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+            page.goto(demo_server.url)
+            page.get_by_role("tab", name="Batch").click()
+            page.locator("#batch-files input[type=file]").set_input_files([good, junk])
+            expect(page.locator("#batch-files")).to_contain_text("junk")  # both uploads listed
+            chopping = page.locator("#chopping-size input[type=number]")
+            chopping.fill("0")
+            chopping.press("Enter")
+            page.locator("#run-batch").click()
+            link = page.locator("#batch-zip a[download]")
+            link.wait_for(timeout=REQUEST_TIMEOUT_MS)
+            expect(page.locator("#batch-summary")).to_contain_text("1 of 2 image(s)")
+            expect(page.locator("#batch-failures")).to_contain_text("junk.png")
+            expect(page.locator("#batch-failures")).to_contain_text("not a readable image")
+            with page.expect_download() as download_info:
+                link.click()
+            saved = tmp_path / "results.zip"
+            download_info.value.save_as(saved)
+            with zipfile.ZipFile(saved) as zf:
+                assert zf.namelist() == ["good.png"]
+                with zf.open("good.png") as f, Image.open(f) as im:
+                    assert im.size == (SCALE * 16, SCALE * 12)
+        finally:
+            browser.close()
+
+
+def _local(url: str, server: DemoServer) -> bool:
+    return url.startswith((server.url, "data:", "blob:"))
 
 
 @pytest.mark.slow
