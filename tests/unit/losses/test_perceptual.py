@@ -13,7 +13,7 @@ from invsr_pl.losses.perceptual import LPIPS_WEIGHTS_URL, LatentLPIPS, LPIPSWeig
 
 OFFICIAL = Path("/work/shared/reference/official_state_dicts.json")
 REPO_REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "official_state_dicts.json"
-# The released latent_lpips layout (INVSR_REFERENCE §3.4), used when the shared reference file is absent.
+# The released latent_lpips layout (docs/method.md "Latent LPIPS"), used when the reference file is absent.
 _CONVS = {
     "slice1": (0, 2),
     "slice2": (5, 7),
