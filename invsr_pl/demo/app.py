@@ -13,9 +13,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-os.environ.setdefault(
-    "GRADIO_ANALYTICS_ENABLED", "False"
-)  # offline by default: no telemetry, no update check
+# offline by default: no telemetry, no version check (read when gradio is imported)
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402 - after the environment default above
 
