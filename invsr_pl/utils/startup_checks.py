@@ -72,7 +72,9 @@ def check_scales(cfg: Any) -> int | None:
 
 def check_gt_size(cfg: Any, scale: int | None) -> None:
     """GT crops must map onto whole LQ pixels and whole latent pixels of the VAE (and so of the noise
-    predictor's downsampling, which ends on the latent grid)."""
+    predictor's downsampling, which ends on the latent grid). Only for models with a noise predictor."""
+    if _get(cfg, "model.noise_predictor") is None:
+        return
     vae = int(
         _get(cfg, "model.noise_predictor.vae_scale_factor") or _NOISE_PREDICTOR_DEFAULTS["vae_scale_factor"]
     )
@@ -103,7 +105,8 @@ def check_ckpt_path(cfg: Any) -> str | None:
     if problem is not None:
         raise SetupError(f"ckpt_path: {problem}")
     saved = load_checkpoint(ckpt_path, mmap=True)["state_dict"]
-    wanted = [STATE_PREFIX] + (["discriminator."] if _get(cfg, "model.discriminator") is not None else [])
+    wanted = [STATE_PREFIX] if _get(cfg, "model.noise_predictor") is not None else []
+    wanted += ["discriminator."] if _get(cfg, "model.discriminator") is not None else []
     for prefix in wanted:
         if not any(k.startswith(prefix) for k in saved):
             raise SetupError(
