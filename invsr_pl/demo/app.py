@@ -10,17 +10,13 @@ one-line message, never a traceback.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-# offline by default: no telemetry, no version check (read when gradio is imported)
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+import gradio as gr
 
-import gradio as gr  # noqa: E402 - after the environment default above
-
-from invsr_pl.demo.engine import RequestError, Settings, Upscaler  # noqa: E402
-from invsr_pl.sampling.color_fix import COLOR_FIX_METHODS  # noqa: E402
-from invsr_pl.utils.images import IMAGE_EXTENSIONS  # noqa: E402
+from invsr_pl.demo.engine import RequestError, Settings, Upscaler
+from invsr_pl.sampling.color_fix import COLOR_FIX_METHODS
+from invsr_pl.utils.images import IMAGE_EXTENSIONS
 
 __all__ = ["API_NAME", "build_app", "launch"]
 
@@ -107,7 +103,11 @@ def build_app(
         return zip_path, rows, result.describe()
 
     queue: dict[str, Any] = {"concurrency_limit": concurrency, "concurrency_id": GPU_QUEUE}
-    with gr.Blocks(title=f"InvSR x{upscaler.scale} super-resolution", delete_cache=(3600, 3600)) as app:
+    with gr.Blocks(
+        title=f"InvSR x{upscaler.scale} super-resolution",
+        analytics_enabled=False,  # offline by default: no telemetry, no version check
+        delete_cache=(3600, 3600),
+    ) as app:
         gr.Markdown(
             f"# InvSR x{upscaler.scale} super-resolution\n"
             "Arbitrary-steps image super-resolution by diffusion inversion (CVPR 2025)."

@@ -249,7 +249,6 @@ class DemoServer:
         env = {
             **os.environ,
             "OMP_NUM_THREADS": "1",  # tiny networks: extra threads only add contention (tests/conftest.py)
-            "GRADIO_ANALYTICS_ENABLED": "False",
             "HF_HUB_OFFLINE": "1",
             "NO_PROXY": "127.0.0.1,localhost",
         }
