@@ -128,3 +128,56 @@ def test_array_conversions_and_listing(tmp_path: Path) -> None:
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "e.png").write_bytes(b"")
     assert [p.name for p in list_images(tmp_path)] == ["a.jpeg", "b.PNG", "d.tiff"]
+
+
+def test_float_tiff_is_scaled_not_black(tmp_path: Path) -> None:
+    gray = np.linspace(0, 1, 12 * 10, dtype=np.float32).reshape(12, 10)
+    tifffile.imwrite(tmp_path / "g.tif", gray)
+    rgb = np.stack([gray, 1 - gray, gray * 0.5], axis=-1)
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")  # Pillow cannot open this one
+    image, alpha, bit_depth = read_image(tmp_path / "g.tif")
+    assert (
+        bit_depth == 16 and alpha is None and torch.allclose(image, torch.from_numpy(gray).expand(3, -1, -1))
+    )
+    image, _, _ = read_image(tmp_path / "rgb.tif")
+    assert torch.allclose(image, torch.from_numpy(rgb).permute(2, 0, 1))
+    tifffile.imwrite(tmp_path / "hdr.tif", gray * 255)
+    with pytest.raises(ImageReadError, match=r"values in \[0, 255\]"):
+        read_image(tmp_path / "hdr.tif")
+
+
+def test_frames_of_multi_page_files(tmp_path: Path) -> None:
+    from invsr_pl.utils.images import count_frames
+
+    with tifffile.TiffWriter(tmp_path / "p.tif") as tif:
+        for k in range(3):
+            tif.write(np.full((8, 6), 40 * k, np.uint8))
+    assert count_frames(tmp_path / "p.tif") == 3
+    assert [round(read_image(tmp_path / "p.tif", frame=k).image.mean().item() * 255) for k in range(3)] == [
+        0,
+        40,
+        80,
+    ]
+    with pytest.raises(ImageReadError, match="no frame 3"):
+        read_image(tmp_path / "p.tif", frame=3)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "one.png")
+    assert count_frames(tmp_path / "one.png") == 1
+
+
+def test_write_is_atomic(tmp_path: Path, coffee: np.ndarray, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer that dies mid-file leaves the previous image and no partial file behind."""
+    path = tmp_path / "out.png"
+    write_image(path, array_to_tensor(coffee))
+    before = path.read_bytes()
+    real_save = Image.Image.save
+
+    def dies(self, fp, *args, **kwargs):
+        real_save(self, fp, *args, **kwargs)
+        with open(fp, "r+b") as f:
+            f.truncate(100)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        write_image(path, torch.zeros(3, 48, 64))
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["out.png"]
