@@ -111,7 +111,7 @@ class IterationCheckpoint(ModelCheckpoint):
         if not isinstance(exception, SIGTERMException) or self.dirpath is None:
             return
         path = self.format_checkpoint_name(self._monitor_candidates(trainer), self.CHECKPOINT_NAME_LAST)
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # resumable: optimisers, loops, callbacks
         self.sigterm_checkpoint = str(path)
         self.last_model_path = str(path)
         rank_zero_info(f"SIGTERM: saved {path} at iteration {self._iteration(trainer)}")
