@@ -135,8 +135,8 @@ def test_size_limit_and_bad_files_are_one_line_messages(upscaler: Upscaler, tmp_
     junk.write_bytes(b"not an image at all")
     with pytest.raises(RequestError, match="junk.png is not a readable image"):
         upscaler.upscale_file(junk, Settings())
-    with pytest.raises(RequestError, match="multiple of 4"):
-        upscaler.upscale_file(big, Settings(chopping_size=30))
+    with pytest.raises(RequestError, match=f"multiple of {upscaler.modulus}"):
+        upscaler.upscale_file(big, Settings(chopping_size=upscaler.modulus + 2))
 
 
 def test_batch_zips_results_and_lists_failures(upscaler: Upscaler, tmp_path: Path) -> None:
