@@ -138,3 +138,15 @@ def test_trained_noise_predictor_folder_is_loaded(tmp_path: Path, capsys: pytest
         )
         assert code == 0 and "smoke mode" not in capsys.readouterr().err
     assert read_image(tmp_path / "out" / "a.png").image.shape == (3, 128, 128)
+
+
+def test_compile_flag_compiles_the_loaded_networks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import invsr_pl.utils.compile as compile_module
+
+    seen = []
+    monkeypatch.setattr(compile_module, "compile_for_inference", lambda bb, np_: seen.append((bb, np_)))
+    src = tmp_path / "a.png"
+    Image.fromarray(skimage.data.coffee()[:32, :32]).save(src)
+    args = [str(src), "-o", str(tmp_path / "out"), "--backbone", "tiny", "--no-progress", "--compile"]
+    assert main(args) == 0
+    assert len(seen) == 1 and isinstance(seen[0][1], NoisePredictor)
