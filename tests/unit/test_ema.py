@@ -103,3 +103,18 @@ def test_checkpoint_round_trip() -> None:
     restored.on_train_batch_end(None, fresh_module, None, None, 5)  # type: ignore[arg-type]
     for k, v in cb.ema.items():
         assert torch.equal(restored.ema[k], v)
+
+
+def test_exception_during_validation_puts_the_training_weights_back() -> None:
+    """SIGTERM mid-validation: the checkpoint saved on the exception must hold the training weights."""
+    module = _Module()
+    cb = NoisePredictorEMA()
+    cb.on_fit_start(None, module)  # type: ignore[arg-type]
+    _perturb(module.noise_predictor, 0)
+    cb.on_train_batch_end(None, module, None, None, 0)  # type: ignore[arg-type]
+    trained = {k: v.clone() for k, v in module.noise_predictor.state_dict().items()}
+    cb.on_validation_start(None, module)  # type: ignore[arg-type]
+    assert not torch.equal(module.noise_predictor[0].weight, trained["0.weight"])  # EMA swapped in
+    cb.on_exception(None, module, SystemExit())  # type: ignore[arg-type]
+    for k, v in module.noise_predictor.state_dict().items():
+        assert torch.equal(v, trained[k])
