@@ -21,6 +21,7 @@ high-water mark over the whole run) and the compile (first-call) time.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import statistics
@@ -130,8 +131,7 @@ def noise_predictor_half_error(backbone, noise_predictor, lr: torch.Tensor, chop
     x = x[..., : x.shape[-2] // 2 * 2, : x.shape[-1] // 2 * 2]
     with torch.no_grad():
         ref = noise_predictor(x, 199).mean
-        half = noise_predictor.to(backbone.dtype)(x, 199).mean
-    noise_predictor.float()
+        half = copy.deepcopy(noise_predictor).to(backbone.dtype)(x, 199).mean  # the original stays fp32
     return float((half - ref).abs().max())
 
 
