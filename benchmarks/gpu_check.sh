@@ -36,8 +36,8 @@ stage inference 60 python3 benchmarks/inference.py --device cuda --dtype float16
   --steps 1 5 --repeats 3 --warmup 1
 # issue 13 targets: real architecture, 1 step, 128 -> 512, fp16, batch 1: eager (fp32 NP under autocast) vs fp16 NP
 # vs compiled (fp16 NP, channels_last); the first compiled call includes compilation (about a minute per network).
-stage inference_compiled 240 python3 benchmarks/inference.py --device cuda --dtype float16 --real-arch --size 128 \
+stage inference_compiled 210 python3 benchmarks/inference.py --device cuda --dtype float16 --real-arch --size 128 \
   --steps 1 --repeats 20 --warmup 3 --no-stages --half-np --channels-last --compile --json "$OUT/inference_compiled.json"
-stage inference_cudagraphs 200 python3 benchmarks/inference.py --device cuda --dtype float16 --real-arch --size 128 \
-  --steps 1 --repeats 20 --warmup 3 --no-stages --half-np --compile --compile-mode reduce-overhead
+stage inference_cudagraphs 150 python3 benchmarks/inference.py --device cuda --dtype float16 --real-arch --size 128 \
+  --steps 1 --repeats 10 --warmup 3 --no-stages --half-np --compile --compile-mode reduce-overhead
 cat "$OUT/summary.txt"
