@@ -249,3 +249,60 @@ def test_quickstart_learns_well_above_chance(train_cfg, tmp_path: Path) -> None:
     assert metrics["val/2afc"] > 0.65, metrics
     assert metrics["val/loss"] < 0.66, metrics
     LatentLPIPS(weights_path=str(run / "latent_lpips.pth"), base_channels=8)
+
+
+def _keys_match_constructors(node, where: str = "cfg") -> None:
+    """Every ``_target_`` mapping below ``node`` only uses keyword arguments its target accepts."""
+    import inspect
+
+    import hydra
+
+    if isinstance(node, dict):
+        if "_target_" in node:
+            params = inspect.signature(hydra.utils.get_object(node["_target_"])).parameters
+            takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+            unknown = {k for k in node if not k.startswith("_")} - set(params)
+            assert takes_kwargs or not unknown, f"{where}: {node['_target_']} does not take {sorted(unknown)}"
+        for key, value in node.items():
+            _keys_match_constructors(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _keys_match_constructors(value, f"{where}[{i}]")
+
+
+@pytest.mark.parametrize(
+    "name,overrides",
+    [
+        ("train", ["experiment=latent_lpips"]),
+        ("train", ["experiment=latent_lpips_quickstart"]),
+        ("train", ["experiment=latent_lpips", "model/backbone=sd_turbo_random", "model.mode=lin"]),
+        ("evaluate_latent_lpips", []),
+        ("evaluate_latent_lpips", ["data=two_afc_synthetic", "model/backbone=tiny"]),
+    ],
+)
+def test_configs_map_to_constructors(name: str, overrides: list[str]) -> None:
+    from omegaconf import OmegaConf
+
+    cfg = _compose(name, [f"paths.root_dir={REPO_ROOT}", "paths.output_dir=/nonexistent", *overrides])
+    _keys_match_constructors(OmegaConf.to_container(cfg, resolve=False))
+
+
+def test_full_recipe_is_the_papers() -> None:
+    cfg = _compose("train", [f"paths.root_dir={REPO_ROOT}", "paths.output_dir=/x", "experiment=latent_lpips"])
+    model, data = cfg.model, cfg.data
+    assert model._target_ == "invsr_pl.latent_lpips_module.LatentLPIPSLitModule" and model.mode == "tune"
+    assert model.optimizer.lr == 1e-4 and list(model.optimizer.betas) == [0.5, 0.999]
+    assert (model.constant_epochs, model.decay_epochs, cfg.trainer.max_epochs) == (5, 5, 10)
+    assert model.lpips.imagenet_trunk and model.lpips.base_channels == 64 and model.ranker_hidden == 32
+    assert model.backbone._target_.endswith("FrozenSDTurbo.from_pretrained")
+    assert data.global_batch_size == 50
+    assert list(data.train_dataset.categories) == ["traditional", "cnn", "mix"]
+    assert list(data.val_dataset.categories) == [
+        "traditional",
+        "cnn",
+        "superres",
+        "deblur",
+        "color",
+        "frameinterp",
+    ]
+    assert cfg.optimized_metric == "val/2afc" and cfg.callbacks.ema is None
