@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from invsr_pl.utils.offline import hub_offline
+
 if TYPE_CHECKING:
     from invsr_pl.metrics import MetricSpec
 
@@ -58,8 +60,7 @@ def weights_root(weights_dir: str | None = None) -> Path:
 
 def downloads_allowed(allow_download: bool) -> bool:
     """True only when the config allows it *and* the environment is not offline (``HF_HUB_OFFLINE=1``)."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    return bool(allow_download) and not offline
+    return bool(allow_download) and not hub_offline()
 
 
 def _pyiqa_file(root: Path, url: str) -> WeightFile:

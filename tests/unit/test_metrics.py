@@ -204,6 +204,8 @@ def test_offline_env_overrides_allow_download(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert not W.downloads_allowed(True)
     monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)  # the one check reads it too
     assert W.downloads_allowed(True) and not W.downloads_allowed(False)
 
 
