@@ -142,67 +142,73 @@ def _build(spec: DatasetSpec, what: str) -> Dataset | None:
 
 # Folder-valued dataset keys and what each must hold (the layout stated by check_data_folders' message).
 _FOLDER_KEYS = {
-    "root": "HR training images (PNG/JPEG/WebP, searched recursively)",
+    "root": "a folder of HR training images, searched recursively",
     "file_list": "a text file listing image paths, one per line",
     "lq_dir": "low-resolution validation images",
-    "gt_dir": "the matching high-resolution images (same file stems, scale x the LQ size)",
+    "gt_dir": "the matching HR images: same stems, scale x the LQ size",
 }
 
 
 def _folder_entries(node: Any, key: str) -> Iterator[tuple[str, Any]]:
-    """(dotted config key, value) of every folder-valued key below ``node``; ``"???"`` for unset ones."""
+    """(dotted config key, value) of every folder-valued key below ``node``: a plain/OmegaConf mapping or
+    list, or a ``functools.partial`` dataset factory (Hydra ``_partial_``); ``"???"`` marks unset keys."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
-    if isinstance(node, DictConfig):
-        for k in node:
-            child = f"{key}.{k}"
-            if k in _FOLDER_KEYS and OmegaConf.is_missing(node, k):
-                yield child, "???"
-            elif k in _FOLDER_KEYS and isinstance(node[k], str):
-                yield child, node[k]
-            elif not OmegaConf.is_missing(node, k):
-                yield from _folder_entries(node[k], child)
-    elif isinstance(node, ListConfig):
+    if isinstance(node, functools.partial):
+        node = node.keywords
+    if isinstance(node, (DictConfig, ListConfig)):
+        node = OmegaConf.to_container(node, resolve=True, throw_on_missing=False)
+    if isinstance(node, Mapping):
+        for k, value in node.items():
+            if k in _FOLDER_KEYS and isinstance(value, (str, os.PathLike)):
+                yield f"{key}.{k}", str(value)
+            else:
+                yield from _folder_entries(value, f"{key}.{k}")
+    elif isinstance(node, (list, tuple)):
         for i, item in enumerate(node):
             yield from _folder_entries(item, f"{key}.{i}")
 
 
+def _check_folders(specs: Mapping[str, Any], data_dir: str | None = None) -> None:
+    """One FileNotFoundError naming every missing / unset folder below ``specs`` ({config key: spec})."""
+    missing = []
+    for section, spec in specs.items():
+        for key, value in _folder_entries(spec, section):
+            if value == "???" or not os.path.exists(os.path.expanduser(value)):
+                what = _FOLDER_KEYS[key.rsplit(".", 1)[-1]]
+                missing.append(f"{key}={'(not set)' if value == '???' else value} ({what})")
+    if missing:
+        where = f" ({data_dir})" if data_dir else ""
+        raise FileNotFoundError(
+            f"training data not found: {'; '.join(missing)}. The paper recipe expects below paths.data_dir"
+            f"{where}: LSDIR/train/images/**.png, FFHQ/images1024x1024/**.png, imagenet512/{{lq,gt}}/*.png. "
+            "Point elsewhere with paths.data_dir=/your/data or the keys above (your own folders: data=paired "
+            "data.train_dataset.sources.0.root=HR data.val_dataset.lq_dir=LQ data.val_dataset.gt_dir=GT; "
+            "pairs from HR images: python -m datamodules.make_testset), or train on the built-in photos with "
+            "experiment=quickstart"
+        )
+
+
 def check_data_folders(cfg: Any) -> None:
-    """Start-up check (before any model is built): every data folder in ``cfg.data`` exists.
+    """Start-up check of a composed config (before any model is built): every data folder in ``cfg.data``
+    exists. :class:`SRDataModule` runs the same check on its dataset factories when it is constructed.
 
     Looks at the ``root`` / ``file_list`` / ``lq_dir`` / ``gt_dir`` keys of the train, validation and test
     datasets, so the paper recipe on a machine without its data stops in seconds, not after building
     SD-Turbo.
 
     Raises:
-        FileNotFoundError: one message naming every missing or unset folder with its config key, what the
-            folder must hold, and how to point elsewhere (``paths.data_dir``, the keys themselves, or
-            ``experiment=quickstart`` for the built-in photos).
+        FileNotFoundError: one line naming every missing or unset folder with its config key, what the
+            folder must hold, the expected layout and how to point elsewhere (``paths.data_dir``, the keys
+            themselves, or ``experiment=quickstart`` for the built-in photos).
     """
     data = cfg.get("data") if hasattr(cfg, "get") else None
     if data is None:
         return
-    missing = []
-    for section in ("train_dataset", "val_dataset", "test_datasets"):
-        if section in data and data.get(section) is not None:
-            for key, value in _folder_entries(data[section], f"data.{section}"):
-                if value == "???" or not os.path.exists(os.path.expanduser(str(value))):
-                    what = _FOLDER_KEYS[key.rsplit(".", 1)[-1]]
-                    shown = "(not set)" if value == "???" else value
-                    missing.append(f"  {key} = {shown}\n      expected: {what}")
-    if missing:
-        data_dir = cfg.get("paths", {}).get("data_dir", "data") if hasattr(cfg, "get") else "data"
-        raise FileNotFoundError(
-            "training data not found:\n"
-            + "\n".join(missing)
-            + f"\nThe paper recipe reads below paths.data_dir ({data_dir}):\n"
-            "  LSDIR/train/images/**/*.png   FFHQ/images1024x1024/**/*.png   imagenet512/{lq,gt}/*.png\n"
-            "Point elsewhere with paths.data_dir=/your/data, or set the keys above, e.g.\n"
-            "  python train.py data=paired data.train_dataset.sources.0.root=/data/hr "
-            "data.val_dataset.lq_dir=/data/val/lq data.val_dataset.gt_dir=/data/val/gt\n"
-            "Validation pairs from HR images: python -m datamodules.make_testset --input HR --output OUT\n"
-            "No data at hand? python train.py experiment=quickstart trains on the built-in photos."
-        )
+    sections = ("train_dataset", "val_dataset", "test_datasets")
+    specs = {f"data.{s}": data.get(s) for s in sections if s in data and data.get(s) is not None}
+    paths = cfg.get("paths") or {}
+    _check_folders(specs, str(paths.get("data_dir")) if "data_dir" in paths else None)
 
 
 class SRDataModule(LightningDataModule):
@@ -259,6 +265,11 @@ class SRDataModule(LightningDataModule):
         self._train_spec = train_dataset
         self._val_spec = val_dataset
         self._test_specs = dict(test_datasets.items()) if test_datasets is not None else None
+        # datasets given as factories (Hydra _partial_) are built lazily: check their folders now, so a run
+        # without its data stops here, before the model is built (same message as check_data_folders)
+        lazy = {"data.train_dataset": train_dataset, "data.val_dataset": val_dataset}
+        lazy.update({f"data.test_datasets.{k}": v for k, v in (self._test_specs or {}).items()})
+        _check_folders({k: v for k, v in lazy.items() if isinstance(v, (functools.partial, Mapping))})
         self._train_set: Dataset | None = None
         self._val_set: Dataset | None = None
         self._test_sets: dict[str, Dataset] | None = None
