@@ -85,7 +85,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))  # tiny CPU models: extra threads only contend
     if torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")  # TF32 as in the reference (INVSR_REFERENCE §4.5)
+        torch.set_float32_matmul_precision("high")  # TF32 as in the official trainer (docs/training.md)
 
     log.info("Instantiating datamodule <%s>", cfg.data._target_)
     # _convert_="all": plain lists/dicts reach the constructors, so saved hyper-parameters hold no OmegaConf

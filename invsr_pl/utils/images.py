@@ -230,7 +230,7 @@ def count_frames(path: str | Path) -> int:
 
 
 def _to_srgb(im: Image.Image) -> Image.Image:
-    """Convert an embedded ICC profile to sRGB, so that colours survive (USERS_AND_PEERS §1.1 #54)."""
+    """Convert an embedded ICC profile to sRGB, so that colours survive (docs/data.md)."""
     icc = im.info.get("icc_profile")
     if not icc or im.mode not in ("RGB", "RGBA", "CMYK", "L"):
         return im

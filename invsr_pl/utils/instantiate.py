@@ -16,7 +16,7 @@ from invsr_pl.utils.logging import get_logger
 log = get_logger(__name__)  # rank zero only
 
 # Manual optimisation: G and D share one DDP wrapper and each backward reaches only one of them, so plain
-# "ddp" fails with "Expected to have finished reduction" (ARCHITECTURE fact 5).
+# "ddp" fails with "Expected to have finished reduction" (docs/lightning.md).
 MULTI_DEVICE_STRATEGY = "ddp_find_unused_parameters_true"
 
 
