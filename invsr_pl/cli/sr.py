@@ -73,7 +73,7 @@ def _timesteps(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers like 200,100,50, got {text!r}"
         ) from err
-    from invsr_pl.sampling.timesteps import validate_timesteps
+    from invsr_pl.models.timesteps import validate_timesteps
 
     try:
         return validate_timesteps(values)
@@ -198,8 +198,8 @@ def build_models(args: argparse.Namespace):  # -> (FrozenSDTurbo, NoisePredictor
 
     Returns:
         ``(backbone, noise_predictor, smoke, device)``: the frozen backbone on ``device`` in the requested
-        dtype, the fp32 noise predictor in eval mode on ``device`` (its ``scale`` is the SR factor), whether
-        these are untrained smoke-mode networks, and the resolved device.
+        dtype, the noise predictor in eval mode on ``device`` in the backbone's dtype (its ``scale`` is the
+        SR factor), whether these are untrained smoke-mode networks, and the resolved device.
 
     Raises:
         SetupError: unknown device, missing/unreadable weights; the message is one line for the user.
@@ -237,13 +237,18 @@ def build_models(args: argparse.Namespace):  # -> (FrozenSDTurbo, NoisePredictor
             )
         except FileNotFoundError as err:  # BackboneWeightsNotFound carries the how-to message
             raise SetupError(str(err)) from err
-    backbone = backbone.to(device)
-    # the noise predictor stays fp32 (docs/sampling.md: precision)
-    noise_predictor = noise_predictor.to(device=device, dtype=torch.float32).eval()
-    if getattr(args, "compile", False):
-        from invsr_pl.utils.compile import compile_for_inference  # imported only when asked for
+    from invsr_pl.utils.compile import prepare_for_inference
 
-        compile_for_inference(backbone, noise_predictor)
+    backbone = backbone.to(device)
+    noise_predictor = noise_predictor.to(device=device, dtype=torch.float32)
+    # the noise predictor in the backbone's half dtype (docs/sampling.md#precision), NHWC on GPUs, and
+    # optionally compiled per network
+    prepare_for_inference(
+        backbone,
+        noise_predictor,
+        channels_last=device.type == "cuda",
+        compile=bool(getattr(args, "compile", False)),
+    )
     return backbone, noise_predictor, smoke, device
 
 

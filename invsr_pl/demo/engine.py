@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from invsr_pl.cli.sr import DEFAULT_SEED
-from invsr_pl.sampling import timesteps as ts
+from invsr_pl.models import timesteps as ts
 from invsr_pl.sampling.color_fix import COLOR_FIX_METHODS
 from invsr_pl.sampling.oom import OutOfMemoryFallbackError, sample_with_fallback
 from invsr_pl.sampling.sampler import InvSRSampler

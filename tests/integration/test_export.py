@@ -15,11 +15,8 @@ from callbacks.ema import NoisePredictorEMA
 from invsr_pl.export import OFFICIAL_NAME, main
 from invsr_pl.invsr_module import InvSRLitModule
 from invsr_pl.models.noise_predictor import NoisePredictor
-from invsr_pl.models.tiny import build_tiny_sd_turbo
+from invsr_pl.models.tiny import TINY_NOISE_PREDICTOR, build_tiny_sd_turbo, tiny_noise_predictor
 from invsr_pl.utils.checkpoint import load_noise_predictor
-
-TINY_NP = dict(block_out_channels=(32, 32), layers_per_block=1, attention_head_dim=8, norm_num_groups=8,
-               temb_channels=32)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +25,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, InvSRLitMod
     torch.manual_seed(0)
     module = InvSRLitModule(
         backbone=build_tiny_sd_turbo(seed=0),
-        noise_predictor=NoisePredictor(**TINY_NP),
+        noise_predictor=tiny_noise_predictor(),
         lpips_weight=0.0,
         optimizer_g=partial(torch.optim.AdamW, lr=1e-3),
         lr_warmup_steps=0,
@@ -55,7 +52,7 @@ def test_export_ema_round_trip(trained: tuple[Path, InvSRLitModule], tmp_path: P
     raw = module.noise_predictor.state_dict()
     assert any(not torch.equal(ema[k], raw[k]) for k in raw)  # the EMA really differs from the raw weights
 
-    official = NoisePredictor.from_official(tmp_path / OFFICIAL_NAME, **TINY_NP)  # strict load
+    official = NoisePredictor.from_official(tmp_path / OFFICIAL_NAME, **TINY_NOISE_PREDICTOR)  # strict load
     state = torch.load(tmp_path / OFFICIAL_NAME, map_location="cpu", weights_only=True)
     assert type(state) is dict and all(k.startswith("encoder.") for k in state)
     assert all(v.dtype == torch.float32 for v in state.values())
@@ -69,7 +66,7 @@ def test_export_ema_round_trip(trained: tuple[Path, InvSRLitModule], tmp_path: P
 def test_export_raw_weights_with_no_ema(trained: tuple[Path, InvSRLitModule], tmp_path: Path) -> None:
     path, module = trained
     assert main([str(path), str(tmp_path), "--no-ema"]) == 0
-    got = NoisePredictor.from_official(tmp_path / OFFICIAL_NAME, **TINY_NP).state_dict()
+    got = NoisePredictor.from_official(tmp_path / OFFICIAL_NAME, **TINY_NOISE_PREDICTOR).state_dict()
     assert all(torch.equal(got[k], v) for k, v in module.noise_predictor.state_dict().items())
 
 
@@ -112,7 +109,7 @@ def test_load_noise_predictor_every_source(trained: tuple[Path, InvSRLitModule],
     ema = torch.load(path, map_location="cpu", weights_only=True)["ema_noise_predictor"]
     sources = [path, tmp_path, tmp_path / "model.safetensors", tmp_path / OFFICIAL_NAME]
     for source in sources:
-        model, note = load_noise_predictor(source, default=lambda: NoisePredictor(**TINY_NP))
+        model, note = load_noise_predictor(source, default=lambda: tiny_noise_predictor())
         assert all(torch.equal(model.state_dict()[k], v.float()) for k, v in ema.items()), note
     raw, note = load_noise_predictor(path, use_ema=False)
     assert note.startswith("module weights")

@@ -144,7 +144,9 @@ def test_compile_flag_compiles_the_loaded_networks(tmp_path: Path, monkeypatch: 
     import invsr_pl.utils.compile as compile_module
 
     seen = []
-    monkeypatch.setattr(compile_module, "compile_for_inference", lambda bb, np_: seen.append((bb, np_)))
+    monkeypatch.setattr(
+        compile_module, "compile_for_inference", lambda bb, np_, mode="default": seen.append((bb, np_))
+    )
     src = tmp_path / "a.png"
     Image.fromarray(skimage.data.coffee()[:32, :32]).save(src)
     args = [str(src), "-o", str(tmp_path / "out"), "--backbone", "tiny", "--no-progress", "--compile"]
