@@ -270,7 +270,7 @@ def _train_vae(vae: AutoencoderKL, pool: list[Tensor], recipe: dict[str, Any], g
         loss.backward()
         opt.step()
         if step % 50 == 0 or step == recipe["vae_steps"] - 1:
-            log(f"vae step {step:4d}  l1 {float(loss):.4f}")
+            log(f"vae step {step:4d}  l1 {float(loss.detach()):.4f}")
     vae.eval()
 
 
@@ -313,7 +313,7 @@ def _train_unet(
         loss.backward()
         opt.step()
         if step % 50 == 0 or step == recipe["unet_steps"] - 1:
-            log(f"unet step {step:4d}  x0 mse {float(loss):.4f}")
+            log(f"unet step {step:4d}  x0 mse {float(loss.detach()):.4f}")
     unet.eval()
 
 
