@@ -58,11 +58,14 @@ class IterationProgressBar(RichProgressBar):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if _max_iterations(pl_module) is None:
+        total = _max_iterations(pl_module)
+        if total is None:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             return
-        if not self.is_disabled and self.train_progress_bar_id is None:
-            self._initialize_train_progress_bar_id()  # resumed mid-epoch
+        if not self.is_disabled and self.progress is not None and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()  # resumed mid-epoch: start at the resumed iteration
+            done = max(self._iteration(pl_module) - 1, 0)
+            self.progress.reset(self.train_progress_bar_id, total=total, completed=done)
         self._update(self.train_progress_bar_id, self._iteration(pl_module))
         self._update_metrics(trainer, pl_module)
         self.refresh()
