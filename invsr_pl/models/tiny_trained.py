@@ -37,8 +37,8 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor
 
 from invsr_pl.models.sd_turbo import _PROMPT_TOKENS, SD_TURBO_VAE_CONFIG, FrozenSDTurbo
+from invsr_pl.models.timesteps import build_scheduler, lookup_sigma, scale_model_input, sd_turbo_sigmas
 from invsr_pl.models.tiny import tiny_unet_config
-from invsr_pl.sampling.timesteps import build_scheduler, lookup_sigma, scale_model_input, sd_turbo_sigmas
 
 __all__ = [
     "DEFAULT_WEIGHTS",

@@ -11,8 +11,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from datamodules.samples import SamplePairs
 from invsr_pl.models import tiny_trained
 from invsr_pl.models.sd_turbo import FrozenSDTurbo
+from invsr_pl.models.timesteps import SD_TURBO_SCHEDULER_CONFIG, sd_turbo_sigmas
 from invsr_pl.models.tiny import build_tiny_sd_turbo
-from invsr_pl.sampling.timesteps import SD_TURBO_SCHEDULER_CONFIG, sd_turbo_sigmas
 
 
 @pytest.fixture(scope="module")
