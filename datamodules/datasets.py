@@ -4,7 +4,7 @@
 Samples are unbatched dicts of CHW ``float32`` tensors in [0, 1]:
 
 - ``GTImageFolder[i] -> {"gt": (3, gt_size, gt_size)}``; the LQ is synthesised later, batch-wise on the device
-  (INVSR_REFERENCE §6.1 "GPU degradation", done by ``SRDataModule.on_after_batch_transfer``).
+  (docs/data.md#degradation-pipeline "GPU degradation", done by ``SRDataModule.on_after_batch_transfer``).
 - ``PairedImageFolder[i] -> {"lq": (3, h, w), "gt": (3, scale*h, scale*w), "name": str}``, or ``{"lq",
   "name"}`` when there is no GT folder (no-reference benchmarks such as RealSet80).
 """
@@ -108,7 +108,7 @@ class ImageSource:
         file_list: text file with one image path per line (blank lines and ``#`` comments ignored); its order
             is kept. Relative paths resolve against ``root`` if given, else the list file's folder.
         length: keep only the first ``length`` images after sorting (the paper uses the first 20,000 FFHQ
-            images, INVSR_REFERENCE §6.1); ``None`` keeps all.
+            images, docs/data.md#degradation-pipeline); ``None`` keeps all.
         recursive: scan sub-folders too (FFHQ keeps its images in 1000-image sub-folders).
         extensions: accepted suffixes, case-insensitive.
         pattern: optional glob on the POSIX path relative to ``root`` (``fnmatch``, ``*`` also crosses
@@ -179,7 +179,9 @@ class ImageSource:
 
 
 class GTImageFolder(SeededDataset):
-    """HR training images from one or more sources, as random ``gt_size`` crops (INVSR_REFERENCE §6.1).
+    """HR training images from one or more sources, as random ``gt_size`` crops.
+
+    See docs/data.md#training-images.
 
     Per sample: decode, horizontal flip with probability ``hflip_prob``, random ``gt_size`` crop; a side
     shorter than ``gt_size`` is reflect-padded bottom/right (cv2 BORDER_REFLECT_101). No resize, no rotation.
@@ -285,8 +287,8 @@ class PairedImageFolder(Dataset):
         scale: GT side / LQ side (4 for InvSR).
         extensions: accepted suffixes, case-insensitive.
         recursive: include sub-folders (names then contain ``/``).
-        limit: keep the first ``limit`` names in sorted order (e.g. 16 validation images, §6.2); ``None``
-            keeps all.
+        limit: keep the first ``limit`` names in sorted order (e.g. 16 validation images,
+            docs/data.md#validation-set); ``None`` keeps all.
         check_sizes: read every header at construction to check sizes and readability.
 
     Item: ``{"lq": (3, h, w), "gt": (3, scale*h, scale*w), "name": str}`` (``float32`` in [0, 1]); no

@@ -1,13 +1,13 @@
 """Build a synthetic paired test set (``gt/``, ``lq/``, ``params/``) from a folder of HR images.
 
-The ImageNet-Test recipe (INVSR_REFERENCE §6.3, USERS_AND_PEERS §4.5), made reproducible::
+The ImageNet-Test recipe (docs/data.md#imagenet-test-synthesis), made reproducible::
 
     python -m datamodules.make_testset --input HR_DIR --output OUT [--size 512 --scale 4 --seed 0
         --preset imagenet_test_x4 --num-images N --recursive]
 
 Per image: short side resized to ``size`` with an area filter (downscaling only: a source whose short side is
 below ``size`` is skipped and counted, because the official ``SmallestMaxSize`` would enlarge it with a filter
-that then acts like nearest neighbour, USERS_AND_PEERS §4.5), centre ``size`` crop, rounded to 8 bit, then the
+that then acts like nearest neighbour), centre ``size`` crop, rounded to 8 bit, then the
 test degradation with a generator seeded from ``stable_seed(seed, stem)``. Each image's result depends only
 on its own pixels, its stem and ``seed``, so the output is identical byte for byte on every run (the official
 script seeds only Python's ``random`` and is not reproducible). Sampled parameters go to
@@ -62,7 +62,8 @@ def canonical_preset(preset: str, scale: int) -> str:
 
 
 def build_degradation(preset: str, scale: int) -> nn.Module:
-    """The degradation for ``preset`` (``imagenet_test`` §6.3, ``realesrgan`` §6.1 training, ``bicubic``).
+    """The degradation for ``preset``: ``imagenet_test`` (docs/data.md#imagenet-test-synthesis),
+    ``realesrgan`` (the training recipe, docs/data.md#degradation-pipeline) or ``bicubic``.
 
     A ``_x<scale>`` suffix (``imagenet_test_x4``) is accepted and must agree with ``scale``.
     """
@@ -202,8 +203,9 @@ def make_testset(
             if verbose:
                 print(f"skip (short side {min(src_h, src_w)} < {size}): {rel}", file=sys.stderr)
             continue
-        resized = area_resize_short_side(img, size)  # §6.3: SmallestMaxSize(INTER_AREA), shrinking only
-        gt = center_crop(resized, size)  # §6.3: CenterCrop(gt_size)
+        # docs/data.md#imagenet-test-synthesis: SmallestMaxSize(INTER_AREA) shrinking only, then CenterCrop
+        resized = area_resize_short_side(img, size)
+        gt = center_crop(resized, size)
         gt = torch.round(gt * 255.0) / 255.0  # the GT as stored (8-bit), also the degradation input
         image_seed = stable_seed(seed, stem)
         generator = torch.Generator().manual_seed(image_seed)

@@ -5,8 +5,8 @@ Two datasets over them, so the quick start and the tests run with no data on dis
 - :class:`SampleGTImages` — HR training crops, like ``GTImageFolder``: ``{"gt": (3, gt_size, gt_size)}``.
 - :class:`SamplePairs` — a paired val/test set synthesised on the fly and deterministically:
   ``{"lq": (3, gt_size/scale, gt_size/scale), "gt": (3, gt_size, gt_size), "name": str}``, float32 in [0, 1].
-  GT is the centre crop; LQ comes from the ImageNet-Test degradation (INVSR_REFERENCE §6.3) with a seed fixed
-  per image (``stable_seed(seed, name)``), or from an antialiased bicubic downscale.
+  GT is the centre crop; LQ comes from the ImageNet-Test degradation (docs/data.md#imagenet-test-synthesis)
+  with a seed fixed per image (``stable_seed(seed, name)``), or from an antialiased bicubic downscale.
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ class SamplePairs(Dataset):
         gt_size: GT crop side; must divide by ``scale`` and fit in every selected photo (the smallest,
             chelsea, is 300 px high).
         scale: GT side / LQ side.
-        lq_mode: ``"realesrgan"`` (ImageNet-Test preset, §6.3) or ``"bicubic"`` (antialiased, 8-bit).
+        lq_mode: ``"realesrgan"`` (ImageNet-Test preset, docs/data.md#imagenet-test-synthesis) or
+            ``"bicubic"`` (antialiased, 8-bit).
         degradation: a module with the ``RealESRGANDegradation`` call signature to use instead of the
             ``lq_mode`` one (e.g. from ``conf/data/degradation``); its ``scale`` must equal ``scale``.
         seed: base seed of the per-image degradation.

@@ -1,4 +1,4 @@
-"""Real-ESRGAN synthetic degradation as pure batched tensor ops (INVSR_REFERENCE §6).
+"""Real-ESRGAN synthetic degradation as pure batched tensor ops (docs/data.md).
 
 Public API: ``RealESRGANDegradation`` (and ``BicubicDegradation``) from ``pipeline``, their config dataclasses
 from ``config``, the ``TrainingPairPool`` from ``pair_pool``; ``kernels`` and ``ops`` hold the pure pieces.

@@ -4,7 +4,7 @@ Every function here is pure: parameters are drawn from an explicit ``torch.Gener
 the kernels will live) and the kernels are computed for the whole batch at once. Kernels of different
 actual sizes share one padded ``size x size`` grid: a kernel of size k is the centred ``k x k`` window of
 the grid, zero outside, which is exactly a ``k x k`` kernel zero-padded to ``size``
-(INVSR_REFERENCE §6.1 steps 4-6).
+(docs/data.md#degradation-pipeline).
 
 Kernel families (index into ``KERNEL_TYPES``), with Q = x^T Sigma^-1 x the Mahalanobis form of a rotated
 Gaussian with standard deviations (sigma_x, sigma_y) and rotation theta:
@@ -35,7 +35,7 @@ KERNEL_TYPES: tuple[str, ...] = (
 )
 SINC = len(KERNEL_TYPES)  # type index used for sinc kernels in sampled parameters
 
-# INVSR_REFERENCE §6.1 (Real-ESRGAN): kernels of size >= 13 draw the sinc cut-off from [pi/5, pi], smaller
+# docs/data.md#kernels (Real-ESRGAN): kernels of size >= 13 draw the sinc cut-off from [pi/5, pi], smaller
 # kernels from [pi/3, pi] (a small kernel cannot represent a very low cut-off).
 SINC_LARGE_KERNEL = 13
 
@@ -76,7 +76,7 @@ def sample_kernel_params(
     betap_range: Sequence[float],
     device: torch.device | str | None = None,
 ) -> dict[str, Tensor]:
-    """Draw one blur kernel's parameters per sample (INVSR_REFERENCE §6.1 steps 4-5, §6.3 kernels).
+    """Draw one blur kernel's parameters per sample (docs/data.md#kernels).
 
     Args:
         batch: number of kernels B.
@@ -118,7 +118,7 @@ def sample_kernel_params(
     beta = torch.where((ktype == 2) | (ktype == 3), beta_g, beta)
     beta = torch.where((ktype == 4) | (ktype == 5), beta_p, beta)
 
-    # INVSR_REFERENCE §6.1: omega_c ~ U[pi/3, pi] for size < 13, else U[pi/5, pi].
+    # docs/data.md#degradation-pipeline: omega_c ~ U[pi/3, pi] for size < 13, else U[pi/5, pi].
     u = torch.rand(batch, generator=generator, device=dev)
     low = torch.where(ksize < SINC_LARGE_KERNEL, math.pi / 3, math.pi / 5)
     omega_c = low + (math.pi - low) * u
@@ -142,7 +142,9 @@ def sample_sinc_params(
     omega_range: Sequence[float] = (math.pi / 3, math.pi),
     device: torch.device | str | None = None,
 ) -> dict[str, Tensor]:
-    """Draw the final-stage filter per sample: sinc with probability ``prob``, else a delta (§6.1 step 6).
+    """Draw the final-stage filter per sample: sinc with probability ``prob``, else a delta.
+
+    See docs/data.md#final-stage.
 
     Returns:
         dict of (B,) tensors ``apply`` (bool), ``ksize`` (int64), ``omega_c`` (float32).

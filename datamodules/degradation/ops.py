@@ -2,7 +2,7 @@
 
 Every op takes its per-sample parameters as tensors of shape (B,) (or (B, k, k) kernels) and, when it needs
 randomness, an explicit ``torch.Generator`` on the data's device. No global RNG, no device moves.
-The recipe is INVSR_REFERENCE §6.1 (Real-ESRGAN's second-order degradation).
+The recipe is docs/data.md#degradation-pipeline (Real-ESRGAN's second-order degradation).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def resize(x: Tensor, size: tuple[int, int], mode: Tensor | str | Sequence[str])
     """Resize every image to one shared ``size`` with a per-sample interpolation mode.
 
     Samples are grouped by mode (at most three ``F.interpolate`` calls). ``align_corners=False`` and no
-    antialiasing, as in the official pipeline's ``F.interpolate`` calls (INVSR_REFERENCE §6.1).
+    antialiasing, as in the official pipeline's ``F.interpolate`` calls (docs/data.md#degradation-pipeline).
 
     Args:
         x: (B, C, H, W) float.
@@ -374,5 +374,5 @@ def jpeg(x: Tensor, quality: Tensor | float, codec: str = "auto") -> Tensor:
 
 
 def quantize_8bit(x: Tensor) -> Tensor:
-    """Round to the 8-bit grid: round(x * 255) clamped to [0, 255], / 255 (INVSR_REFERENCE §6.1 step 4)."""
+    """Round to the 8-bit grid: round(x * 255) clamped to [0, 255], / 255 (docs/data.md)."""
     return (x * 255.0).round().clamp(0, 255) / 255.0

@@ -1,6 +1,6 @@
 """Training pair pool: Real-ESRGAN's shuffle queue that mixes degradations across batches.
 
-INVSR_REFERENCE §4.2 step 4. The official degrades a whole batch at once, so one batch used to share some
+docs/data.md#pair-pool. The official degrades a whole batch at once, so one batch used to share some
 random choices; the pool breaks that correlation by training on pairs drawn from the last ``size / B``
 batches. Here every image already has its own degradation (see ``pipeline.py``), but the pool is kept because
 it is part of the recipe and it also decorrelates the content of consecutive batches.

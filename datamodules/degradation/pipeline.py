@@ -1,4 +1,4 @@
-"""Real-ESRGAN second-order degradation as one batched ``nn.Module`` (INVSR_REFERENCE §6.1, §6.3).
+"""Real-ESRGAN second-order degradation as one batched ``nn.Module`` (docs/data.md#degradation-pipeline).
 
 Every image of a batch gets its own kernels, noise, resize modes, JPEG qualities, second-stage decision and
 final-stage order. Two things are shared by the batch, as in the official pipeline, because a batch must keep
@@ -9,7 +9,7 @@ Decisions that differ from the official (batch-level) draws, all keeping the per
 - The official draws the second-stage coin, the Gaussian-vs-Poisson choice, the second blur coin, the resize
   modes and the final-stage order once per *batch*; here each is drawn per *sample* (samples are grouped, so
   the ops still run batched). Each image's degradation has the same distribution as before, but one batch now
-  mixes them, which the pair pool (§4.2 step 4) only partly achieved.
+  mixes them, which the pair pool (docs/data.md#pair-pool) only partly achieved.
 - Resizes use an explicit target size ``int(H * s)`` rather than ``scale_factor=s``: same output size; the
   sampling grid uses the in/out size ratio instead of 1/s (a sub-pixel difference).
 - JPEG: see ``ops.resolve_jpeg_codec`` (real libjpeg on CPU, kornia's batched codec on CUDA); the official
@@ -175,7 +175,7 @@ class RealESRGANDegradation(nn.Module):
 
     @classmethod
     def imagenet_test(cls, scale: int = 4, jpeg_codec: str = "auto") -> RealESRGANDegradation:
-        """ImageNet-Test synthesis preset (INVSR_REFERENCE §6.3)."""
+        """ImageNet-Test synthesis preset (docs/data.md#imagenet-test-synthesis)."""
         cfg = imagenet_test_config(scale)
         cfg.jpeg_codec = jpeg_codec
         return cls.from_config(cfg)
@@ -203,7 +203,7 @@ class RealESRGANDegradation(nn.Module):
         c, g, dev, n = self.config, generator, generator.device, batch
         p: Params = {}
         f1, f2, fin = c.first_stage, c.second_stage, c.final_stage
-        # The draw order is fixed: it defines what a seed means. INVSR_REFERENCE §6.1 GPU steps 1-3.
+        # The draw order is fixed: it defines what a seed means (docs/data.md#degradation-pipeline).
         p.update(_kernel_params("first", f1, n, g, dev))
         p["first.resize_scale"] = _resize_scale(n, f1.resize_probs, f1.resize_range, g, dev)
         p["first.resize_mode"] = _modes(n, f1.resize_modes, g, dev)

@@ -1,9 +1,10 @@
-"""Hinge GAN losses for InvSR's multi-head latent discriminator (INVSR_REFERENCE §2.5).
+"""Hinge GAN losses for InvSR's multi-head latent discriminator (docs/training.md#losses).
 
 Sign convention: the discriminator outputs *logits*, larger meaning "more real". The discriminator minimises
 ``hinge_d_loss`` (pushes real logits above +1 and fake logits below -1); the generator minimises
 ``generator_adv_loss`` = -mean(fake logits), i.e. it pushes its fakes' logits up. Both return one value per
-sample, (B,) float32: the caller takes the batch mean and applies the loss weight (0.1 for G, §4.3).
+sample, (B,) float32: the caller takes the batch mean and applies the loss weight (0.1 for G,
+docs/training.md#losses).
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from torch import Tensor
 
 __all__ = ["LATENT_BOUND", "clamp_fake", "generator_adv_loss", "hinge_d_loss"]
 
-# INVSR_REFERENCE §2.5 (`_Latent_bound`): generated latents are clamped to [-10, 10] before the discriminator
-# sees them, in both the G and the D step. Real latents (GT posterior samples * 0.18215) are not clamped.
+# docs/training.md#losses (the official `_Latent_bound`): generated latents are clamped to [-10, 10] before
+# the discriminator sees them, in both the G and the D step. Real latents (GT posterior samples * 0.18215) are
+# not clamped.
 LATENT_BOUND = 10.0
 
 
@@ -52,7 +54,7 @@ def _check_heads(logits: Sequence[Tensor], name: str) -> None:
 
 
 def hinge_d_loss(real_logits: Sequence[Tensor], fake_logits: Sequence[Tensor]) -> Tensor:
-    """Discriminator hinge loss, per sample, averaged over heads (INVSR_REFERENCE §2.5).
+    """Discriminator hinge loss, per sample, averaged over heads (docs/training.md#losses).
 
     For each head k: 0.5 * (relu(1 - D_k(real)) + relu(1 + D_k(fake))), averaged over spatial positions; then
     the mean over heads. It is zero once every real logit is >= 1 and every fake logit is <= -1.
@@ -81,7 +83,7 @@ def generator_adv_loss(fake_logits: Sequence[Tensor]) -> Tensor:
     """Generator hinge loss, per sample: -mean over positions of each head's fake logits, averaged over heads.
 
     Minimising it raises the discriminator's logits on the generated latents. Unweighted: the paper's weight
-    0.1 is applied by the caller (INVSR_REFERENCE §2.5, §4.3).
+    0.1 is applied by the caller (docs/training.md#losses, docs/training.md#the-training-step).
 
     Args:
         fake_logits: list of (B, 1, h_k, w_k) logit maps for clamped fake latents (gradient flows through D

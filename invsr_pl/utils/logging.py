@@ -1,5 +1,5 @@
 """Rank-zero logging: a Python logger that only speaks on global rank zero, and hyper-parameter plus
-parameter-count logging to every Lightning logger of a Trainer (ARCHITECTURE C1, C4.7)."""
+parameter-count logging to every Lightning logger of a Trainer (README.md#layout)."""
 
 from __future__ import annotations
 

@@ -90,7 +90,7 @@ def test_mismatched_heads_raise() -> None:
 
 
 def test_clamp_fake_bounds_and_gradient() -> None:
-    assert LATENT_BOUND == 10.0  # INVSR_REFERENCE §2.5
+    assert LATENT_BOUND == 10.0  # docs/training.md#losses
     z = torch.tensor([-25.0, -9.5, -3.0, 0.0, 9.99, 12.0], requires_grad=True)
     out = clamp_fake(z)
     torch.testing.assert_close(out, torch.tensor([-10.0, -9.5, -3.0, 0.0, 9.99, 10.0]))

@@ -57,7 +57,8 @@ def test_state_dict_matches_release_and_param_count(lpips: LatentLPIPS) -> None:
     ours = {k: list(v.shape) for k, v in lpips.state_dict().items()}
     assert len(ours) == 38 and _layout_digest(ours) == RELEASED_LAYOUT_SHA256
     assert list(ours.items()) == list(reference.items())  # same 38 keys, shapes and order; lin* and lins.*
-    assert sum(p.numel() for p in lpips.parameters()) == 14_716_736  # duplicates counted once, §3.4
+    # duplicates counted once (docs/checkpoints.md#released-weight-files)
+    assert sum(p.numel() for p in lpips.parameters()) == 14_716_736
     assert sorted(k for k in ours if k.startswith("net.")) == sorted(
         f"net.{s}.{i}.{w}" for s, idx in _CONVS.items() for i in idx for w in ("weight", "bias")
     )
@@ -146,7 +147,8 @@ def test_always_eval_and_frozen(lpips: LatentLPIPS) -> None:
 
 
 def test_feature_resolutions_for_a_64px_latent(lpips: LatentLPIPS) -> None:
-    # First three max-pools removed (§3.2); shapes checked on the meta device so no real 64x64 VGG pass runs.
+    # First three max-pools removed (docs/method.md#latent-lpips); shapes checked on the meta device so no
+    # real 64x64 VGG pass runs.
     meta = LatentLPIPS(random_init=True).to("meta")
     feats = meta.features(torch.empty(1, 4, 64, 64, device="meta"))
     assert [tuple(f.shape) for f in feats] == [
