@@ -1,5 +1,5 @@
-"""2AFC data: the synthetic set (deterministic, ordered judgments), the BAPPS-layout reader, its errors on a
-wrong tree, the writer round trip, and the data module's batches."""
+"""2AFC data: the synthetic set (deterministic, human-like judgments), the BAPPS-layout reader, its errors on
+a wrong tree, the writer round trip, and the data module's batches."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import torch
 from datamodules.samples import load_sample
 from datamodules.two_afc import TwoAFCDataModule, TwoAFCFolder, TwoAFCLayoutError, write_two_afc_tree
 from datamodules.two_afc_synthetic import (
-    DISTORTIONS,
+    BENIGN,
+    STRUCTURAL,
     SYNTHETIC_CATEGORIES,
     SyntheticTwoAFC,
     distort,
@@ -49,7 +50,7 @@ def test_synthetic_items_are_deterministic_and_well_formed() -> None:
         assert x["judge"].shape == () and torch.equal(x["judge"], y["judge"])
         assert float(x["judge"] * 5) == round(float(x["judge"] * 5))  # multiples of 1 / num_raters
         assert int(x["category"]) == i % len(SYNTHETIC_CATEGORIES)
-        assert x["name"] == f"{SYNTHETIC_CATEGORIES[i % 4]}/{i:06d}"
+        assert x["name"] == f"{SYNTHETIC_CATEGORIES[i % len(SYNTHETIC_CATEGORIES)]}/{i:06d}"
     assert not torch.equal(a[0]["p0"], a[0]["p1"])
 
 
@@ -69,7 +70,7 @@ def test_other_seed_or_photos_give_other_triplets() -> None:
     assert not torch.equal(base, _small(names=["astronaut"])[0]["ref"])
 
 
-@pytest.mark.parametrize("family", DISTORTIONS)
+@pytest.mark.parametrize("family", [*BENIGN, *STRUCTURAL])
 def test_distortions_grow_with_strength(family: str) -> None:
     patch = load_sample("astronaut")[None, :, 200:264, 200:264]
     d = [
@@ -79,15 +80,44 @@ def test_distortions_grow_with_strength(family: str) -> None:
     assert 0 < d[0] < d[1] < d[2]
 
 
+@pytest.mark.parametrize("family", [*BENIGN, *STRUCTURAL])
+def test_reference_forgives_tone_and_colour_not_structure(family: str) -> None:
+    """Per unit of pixel change (RMS), the reference charges benign changes a fraction of what it charges
+    noise, blur or JPEG; a pixel distance charges them all alike."""
+    patch = load_sample("astronaut")[None, :, 200:264, 200:264]
+    for strength in (0.3, 1.0):
+        out = distort(patch, family, strength, torch.Generator().manual_seed(0))
+        ratio = float(reference_distance(patch, out)) / float((out - patch).square().mean().sqrt())
+        assert ratio < 0.3 if family in BENIGN else ratio > 0.9, (strength, ratio)
+
+
+def test_triplets_pair_different_structural_kinds_and_one_benign_change() -> None:
+    dataset = _small(num_triplets=30)
+    for i in range(len(dataset)):
+        category = SYNTHETIC_CATEGORIES[i % len(SYNTHETIC_CATEGORIES)]
+        kinds = dataset.families(i)
+        structural = [k[-1] for k in kinds]
+        assert all(s in STRUCTURAL for s in structural) and structural[0] != structural[1]
+        benign = [k[0] for k in kinds if len(k) == 2]
+        assert benign == ([] if category == "mix" else [category])
+    # p1 carries the benign change about as often as p0
+    sides = [len(dataset.families(i)[1]) == 2 for i in range(len(dataset)) if i % 3 != 2]
+    assert 0 < sum(sides) < len(sides)
+
+
 def test_judgment_prefers_the_milder_distortion() -> None:
-    dataset = _small(num_triplets=16)
+    dataset = _small(num_triplets=24)
+    judges = []
     for i in range(len(dataset)):
         item = dataset[i]
         d = reference_distance(item["ref"].expand(2, -1, -1, -1), torch.stack([item["p0"], item["p1"]]))
-        if float(d[0] - d[1]) > 0.1:  # p1 clearly closer under the reference distance
+        judges.append(float(item["judge"]))
+        # 4 temperatures apart: each simulated rater agrees with probability 0.98
+        if float(d[0] - d[1]) > 0.04:  # p1 clearly closer under the reference distance
             assert float(item["judge"]) > 0.5
-        if float(d[1] - d[0]) > 0.1:
+        if float(d[1] - d[0]) > 0.04:
             assert float(item["judge"]) < 0.5
+    assert any(0 < j < 1 for j in judges)  # soft: a panel, not one decision
 
 
 def test_synthetic_rejects_bad_settings() -> None:
@@ -115,9 +145,9 @@ def test_folder_reads_back_what_was_written(tree: tuple[Path, SyntheticTwoAFC]) 
         assert torch.equal(item["judge"], original["judge"])
         assert folder.categories[int(item["category"])] == item["name"].split("/")[0]
     # the 2afc folder itself works as root; a category subset keeps the requested order
-    subset = TwoAFCFolder(root / "2afc", split="val", categories=["noise", "blur"])
-    assert subset.categories == ["noise", "blur"] and len(subset) == 4
-    assert int(subset[0]["category"]) == 0 and subset[0]["name"].startswith("noise/")
+    subset = TwoAFCFolder(root / "2afc", split="val", categories=["mix", "tone"])
+    assert subset.categories == ["mix", "tone"] and len(subset) == 5  # items 2, 5 and 0, 3, 6 of 8
+    assert int(subset[0]["category"]) == 0 and subset[0]["name"].startswith("mix/")
 
 
 def test_folder_resizes_other_patch_sizes(tree: tuple[Path, SyntheticTwoAFC]) -> None:
@@ -135,31 +165,31 @@ def test_wrong_trees_are_named(tree: tuple[Path, SyntheticTwoAFC], tmp_path: Pat
         TwoAFCFolder(tmp_path / "absent")
     with pytest.raises(TwoAFCLayoutError, match=r"no 'train' split .*found folders: val"):
         TwoAFCFolder(tree[0], split="train")
-    with pytest.raises(TwoAFCLayoutError, match=r"\['superres'\] not found; available: blur, jpeg"):
-        TwoAFCFolder(tree[0], split="val", categories=["blur", "superres"])
+    with pytest.raises(TwoAFCLayoutError, match=r"\['superres'\] not found; available: colour, mix"):
+        TwoAFCFolder(tree[0], split="val", categories=["tone", "superres"])
     root = _copy(tree, tmp_path)
-    shutil.rmtree(root / "2afc" / "val" / "jpeg" / "judge")
-    with pytest.raises(TwoAFCLayoutError, match=r"jpeg: missing sub-folder\(s\) \['judge'\]"):
+    shutil.rmtree(root / "2afc" / "val" / "mix" / "judge")
+    with pytest.raises(TwoAFCLayoutError, match=r"mix: missing sub-folder\(s\) \['judge'\]"):
         TwoAFCFolder(root, split="val")
-    (root / "2afc" / "val" / "noise" / "p1" / "000001.png").unlink()
+    (root / "2afc" / "val" / "colour" / "p1" / "000001.png").unlink()
     with pytest.raises(TwoAFCLayoutError, match=r"p1/ does not match ref/ .*missing in p1/: 000001"):
-        TwoAFCFolder(root, split="val", categories=["noise"])
+        TwoAFCFolder(root, split="val", categories=["colour"])
 
 
 def test_bad_judgment_file_is_named(tree: tuple[Path, SyntheticTwoAFC], tmp_path: Path) -> None:
     root = _copy(tree, tmp_path)
-    bad = root / "2afc" / "val" / "blur" / "judge" / "000000.npy"
+    bad = root / "2afc" / "val" / "tone" / "judge" / "000000.npy"
     np.save(bad, np.array([1.5], np.float32))
-    dataset = TwoAFCFolder(root, split="val", categories=["blur"])
+    dataset = TwoAFCFolder(root, split="val", categories=["tone"])
     with pytest.raises(ValueError, match=r"000000.npy: a judgment must be one number in \[0, 1\]"):
         dataset[0]
 
 
 def test_writer_never_overwrites(tree: tuple[Path, SyntheticTwoAFC]) -> None:
-    before = sorted(p.name for p in (tree[0] / "2afc" / "val" / "blur" / "ref").iterdir())
+    before = sorted(p.name for p in (tree[0] / "2afc" / "val" / "tone" / "ref").iterdir())
     with pytest.raises(FileExistsError, match="exists already"):
         write_two_afc_tree(_small(seed=9), tree[0], "val")
-    assert sorted(p.name for p in (tree[0] / "2afc" / "val" / "blur" / "ref").iterdir()) == before
+    assert sorted(p.name for p in (tree[0] / "2afc" / "val" / "tone" / "ref").iterdir()) == before
     assert [p.name for p in (tree[0] / "2afc").iterdir()] == ["val"]  # no staging folder left behind
 
 
