@@ -125,7 +125,7 @@ def test_fit_trains_the_right_parts_clamps_heads_and_exports(backbone, tmp_path:
     assert trunk_changed == (mode == "tune")
     assert any(not torch.equal(v, module.ranker.state_dict()[k]) for k, v in ranker.items())
     metrics = trainer.callback_metrics
-    assert {"val/2afc", "val/2afc/blur", "val/2afc/noise", "val/2afc/jpeg", "val/2afc/mix"} <= set(metrics)
+    assert {"val/2afc", "val/2afc/tone", "val/2afc/colour", "val/2afc/mix"} <= set(metrics)
     assert 0.0 <= float(metrics["val/2afc"]) <= 1.0
 
     # the export loads into a plain LatentLPIPS and gives the trained distances
@@ -164,7 +164,7 @@ def test_scoring_mode_trains_nothing(backbone, tmp_path: Path) -> None:
     (result,) = trainer.test(module, _data(), verbose=False)
     assert {"test/2afc", "test/2afc/mix"} <= set(result)
     table = (tmp_path / "scores" / "two_afc_scores.csv").read_text().splitlines()
-    assert table[0] == "category,two_afc,triplets" and len(table) == 6
+    assert table[0] == "category,two_afc,triplets" and len(table) == 5  # header, 3 categories, overall
     assert table[-1] == f"overall (mean of categories),{result['test/2afc']:.4f},8"
 
 
@@ -227,24 +227,36 @@ def test_released_file_is_required_for_scoring(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_quickstart_learns_well_above_chance(train_cfg, tmp_path: Path) -> None:
-    """``train.py experiment=latent_lpips_quickstart``: the held-out 2AFC score rises well above chance."""
+    """``train.py experiment=latent_lpips_quickstart``: training raises the 2AFC score on held-out triplets.
+
+    "Before" is the untrained metric that training starts from (same config, same seed, so the same initial
+    weights), scored on the same held-out triplets as "after".
+    """
+    import hydra
+
     from train import train
 
     cfg = train_cfg(
         "experiment=latent_lpips_quickstart",
         "callbacks.progress_bar=null",
         "trainer.enable_progress_bar=false",
-        # shortened: two thirds of the triplets
-        "data.train_dataset.num_triplets=256",
-        "data.val_dataset.num_triplets=128",
+        # shortened: half the validation triplets, scored once, after the last epoch
+        "data.val_dataset.num_triplets=96",
+        "trainer.check_val_every_n_epoch=${trainer.max_epochs}",
     )
+    L.seed_everything(cfg.seed, workers=True)  # as train() does before building the data and the model
+    data = hydra.utils.instantiate(cfg.data, _convert_="all")
+    untrained = hydra.utils.instantiate(cfg.model, _convert_="all")
+    (before,) = _trainer(tmp_path).validate(untrained, data, verbose=False)
+
     metrics, objects = train(cfg)
     run = tmp_path / "run"
     assert (run / "checkpoints" / "last.ckpt").is_file() and (run / "latent_lpips.pth").is_file()
-    # held-out triplets: the metric's choice agrees with the judgments well above chance (0.5), and the
-    # learned judge (metric + ranking network) predicts them better than chance (BCE of 0.5 = ln 2 = 0.693)
-    assert metrics["val/2afc"] > 0.65, metrics
-    assert metrics["val/loss"] < 0.66, metrics
+    # the metric itself now orders the held-out triplets more like the simulated panel: a clear rise, well
+    # above chance (0.5); the learned judge (metric + ranking network) beats chance (BCE ln 2 = 0.693)
+    assert metrics["val/2afc"] > before["val/2afc"] + 0.04, (before, metrics)
+    assert metrics["val/2afc"] > 0.7, metrics
+    assert metrics["val/loss"] < 0.68, metrics
     LatentLPIPS(weights_path=str(run / "latent_lpips.pth"), base_channels=8)
 
 
