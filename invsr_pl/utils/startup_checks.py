@@ -121,7 +121,8 @@ def check_config(cfg: Any) -> str | None:
 
     Checks: the SR scales agree (top-level ``scale``, degradation, datasets, noise predictor); GT crop sizes
     fit the scale and the VAE; ``ckpt_path`` resolves to a readable checkpoint with the trainable weights; the
-    batch settings divide (``invsr_pl.utils.batching.check_batch_config``).
+    batch settings divide (``invsr_pl.utils.batching.check_batch_config``); the data folders of an
+    ``SRDataModule`` exist (``datamodules.sr_datamodule.check_data_folders``).
 
     Returns:
         The resolved ``ckpt_path`` for ``Trainer.fit`` (None: fresh start).
@@ -129,17 +130,17 @@ def check_config(cfg: Any) -> str | None:
     Raises:
         SetupError: one line naming the keys or the file.
     """
+    from datamodules.sr_datamodule import SRDataModule, check_data_folders
+    from invsr_pl.utils.batching import check_batch_config
+
     scale = check_scales(cfg)
     check_gt_size(cfg, scale)
     try:
-        from invsr_pl.utils.batching import check_batch_config
-    except ImportError:  # older trees without the global-batch option
-        check_batch_config = None
-    if check_batch_config is not None:
-        try:
-            check_batch_config(cfg)
-        except ValueError as err:
-            raise SetupError(str(err)) from err
+        check_batch_config(cfg)
+        if _get(cfg, "data._target_") == f"{SRDataModule.__module__}.{SRDataModule.__name__}":
+            check_data_folders(cfg)  # the paper recipe without its data stops here, not after SD-Turbo loads
+    except (ValueError, FileNotFoundError) as err:
+        raise SetupError(str(err)) from err
     return check_ckpt_path(cfg)
 
 

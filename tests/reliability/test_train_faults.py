@@ -201,6 +201,16 @@ def test_scale_and_gt_size_mismatches_fail_at_start_up(train_cfg: MakeCfg) -> No
     assert check_config(train_cfg("experiment=smoke")) is None
 
 
+def test_paper_recipe_without_its_data_stops_at_start_up(train_cfg: MakeCfg, tmp_path: Path) -> None:
+    """`python train.py` (the paper recipe) on a machine without the data: one message naming every folder."""
+    with pytest.raises(SetupError) as err:
+        check_config(train_cfg(f"paths.data_dir={tmp_path / 'nowhere'}"))
+    message = str(err.value)
+    assert "\n" not in message and "experiment=quickstart" in message
+    for key in ("data.train_dataset.sources.0.root", "data.val_dataset.lq_dir", "data.val_dataset.gt_dir"):
+        assert key in message
+
+
 @pytest.mark.slow
 def test_train_py_prints_one_line_and_exit_codes(tmp_path: Path) -> None:
     """Setup errors: exit 2, one line last, no traceback; a persistent non-finite loss: exit 3, one line."""
