@@ -35,6 +35,7 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from invsr_pl.invsr_module import NonFiniteLossError
 from invsr_pl.utils.checkpoint import CheckpointMismatchError, WeightFileError
 from invsr_pl.utils.instantiate import (
     instantiate_callbacks,
@@ -155,8 +156,8 @@ def main(cfg: DictConfig) -> float | None:
         if _is_multirun():
             raise
         _exit(EXIT_SETUP, err)
-    except RuntimeError as err:
-        if _is_multirun() or "non-finite" not in str(err):
+    except NonFiniteLossError as err:
+        if _is_multirun():
             raise
         _exit(EXIT_NONFINITE, err)
     return metric_value(metrics, cfg.get("optimized_metric"))

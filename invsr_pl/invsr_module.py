@@ -33,7 +33,13 @@ from invsr_pl.metrics import VALIDATION_PROTOCOL, MetricSet, build_metric_set, l
 from invsr_pl.models.timesteps import to_index, validate_timesteps
 from invsr_pl.sampling.color_fix import upsample_reference
 from invsr_pl.sampling.sampler import InvSRSampler
-from invsr_pl.utils.checkpoint import read_state_dict
+from invsr_pl.utils.checkpoint import (
+    CONFIG_KEY,
+    CONSECUTIVE_NONFINITE_KEY,
+    ITERATION_KEY,
+    SKIPPED_STEPS_KEY,
+    read_state_dict,
+)
 from invsr_pl.utils.seeding import stable_seed
 
 if TYPE_CHECKING:
@@ -43,7 +49,13 @@ if TYPE_CHECKING:
     from invsr_pl.models.sd_turbo import FrozenSDTurbo
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
 # Frozen parts are never checkpointed (docs/lightning.md); they are rebuilt from their own weight files.
+class NonFiniteLossError(RuntimeError):
+    """Training stopped after ``max_consecutive_nonfinite`` skipped steps in a row (train.py: exit 3)."""
+
+
 NOT_CHECKPOINTED = ("backbone.", "lpips.", "val_metrics.", "test_metrics.")
 
 
@@ -217,10 +229,9 @@ class InvSRLitModule(L.LightningModule):
             lq_up = F.interpolate(lq, size=gt.shape[-2:], mode="bicubic", align_corners=False)
             z_lq = self.backbone.encode(lq_up, generator=gen)
             z_gt = self.backbone.encode(gt, generator=gen)
-        sigma = self.backbone.sigma(index).view(-1, 1, 1, 1)
         noise = self.noise_predictor(lq, index).sample(generator=gen)  # reparameterised
         # docs/training.md: z_t = z_lq + sigma * noise; gradients flow through the frozen UNet into the NP
-        x0 = self.backbone.predict_x0(z_lq + sigma * noise.float(), index)
+        x0, _ = self.backbone.invert_step(z_lq, noise, index)
         zero = x0.new_zeros(x0.shape[0])
         terms = {"l2": (x0 - z_gt).pow(2).mean(dim=(1, 2, 3))}
         terms["lpips"] = self.lpips(x0, z_gt).float().view(-1) if hp.lpips_weight > 0 else zero
@@ -279,7 +290,7 @@ class InvSRLitModule(L.LightningModule):
         )
         limit = self.hparams.max_consecutive_nonfinite
         if self.consecutive_nonfinite >= limit:
-            raise RuntimeError(
+            raise NonFiniteLossError(
                 f"Stopping after {limit} consecutive non-finite steps (max_consecutive_nonfinite). {msg}"
             )
         rank_zero_warn(msg)
@@ -385,13 +396,6 @@ class InvSRLitModule(L.LightningModule):
         if clip:
             self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm="norm")
 
-    def train(self, mode: bool = True) -> InvSRLitModule:
-        super().train(mode)
-        self.backbone.eval()  # frozen parts stay in eval mode whatever the trainer asks
-        if self.lpips is not None:
-            self.lpips.eval()
-        return self
-
     def state_dict(
         self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
     ) -> Any:
@@ -407,17 +411,17 @@ class InvSRLitModule(L.LightningModule):
         return result
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["invsr_iteration"] = self.iteration
-        checkpoint["invsr_skipped_steps"] = self.skipped_steps
-        checkpoint["invsr_consecutive_nonfinite"] = self.consecutive_nonfinite
+        checkpoint[ITERATION_KEY] = self.iteration
+        checkpoint[SKIPPED_STEPS_KEY] = self.skipped_steps
+        checkpoint[CONSECUTIVE_NONFINITE_KEY] = self.consecutive_nonfinite
         config = getattr(self.noise_predictor, "config", None)
         if config is not None:  # lets invsr-export rebuild the NoisePredictor without the Hydra config
-            checkpoint["noise_predictor_config"] = dict(config)
+            checkpoint[CONFIG_KEY] = dict(config)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.iteration = int(checkpoint.get("invsr_iteration", 0))
-        self.skipped_steps = int(checkpoint.get("invsr_skipped_steps", 0))
-        self.consecutive_nonfinite = int(checkpoint.get("invsr_consecutive_nonfinite", 0))
+        self.iteration = int(checkpoint.get(ITERATION_KEY, 0))
+        self.skipped_steps = int(checkpoint.get(SKIPPED_STEPS_KEY, 0))
+        self.consecutive_nonfinite = int(checkpoint.get(CONSECUTIVE_NONFINITE_KEY, 0))
 
     # ------------------------------------------------------------------ initial weights, compile
     def _load_init_weights(self, noise_predictor_init: str | None, discriminator_init: str | None) -> None:

@@ -25,15 +25,6 @@ from invsr_pl.utils.checkpoint import read_state_dict
 __all__ = ["LatentDiscriminator"]
 
 
-def __getattr__(name: str):
-    # Transitional alias while callers move to invsr_pl.models.tiny.TINY_DISCRIMINATOR (one tiny config).
-    if name == "TINY_DISCRIMINATOR_KWARGS":
-        from invsr_pl.models.tiny import TINY_DISCRIMINATOR
-
-        return TINY_DISCRIMINATOR
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def _per_block(value: int | Sequence[int], n: int, name: str) -> tuple[int, ...]:
     """Broadcast an int to one value per block, or check a sequence has one value per block."""
     values = (int(value),) * n if isinstance(value, int) else tuple(int(v) for v in value)
