@@ -115,6 +115,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("train", True):
         trainer.fit(model=model, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics.update(_floats(trainer.callback_metrics))
+        final = {k: v for k, v in sorted(metrics.items()) if k.startswith("val/")}
+        if final:  # the numbers a run is judged by, next to their baselines (e.g. val/psnr_bicubic)
+            log.info("Final validation: %s", ", ".join(f"{k}={v:.4g}" for k, v in final.items()))
         last = getattr(trainer.checkpoint_callback, "last_model_path", "")
         if last:
             log.info("Last checkpoint: %s", last)
