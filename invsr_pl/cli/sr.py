@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from invsr_pl.sampling.color_fix import COLOR_FIX_METHODS
 from invsr_pl.utils.images import (
@@ -42,10 +41,11 @@ from invsr_pl.utils.images import (
     count_frames,
     list_images,
     read_image,
+    resize_image,
     write_image,
 )
 
-__all__ = ["SetupError", "add_model_arguments", "build_models", "build_parser", "main"]
+__all__ = ["DEFAULT_SEED", "SetupError", "add_model_arguments", "build_models", "build_parser", "main"]
 
 DEFAULT_SEED = 12345  # the official sample-sd-turbo.yaml seed (docs/sampling.md)
 TINY = "tiny"
@@ -346,14 +346,6 @@ def _plan(path: Path, out_dir: Path) -> _Plan:
 
 
 # ---------------------------------------------------------------------------------------------- the run
-def _resize(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(C, H, W) in [0, 1] -> (C, *size), bicubic with antialiasing (for downscaling), clamped."""
-    if tuple(image.shape[-2:]) == size:
-        return image
-    out = F.interpolate(image[None], size=size, mode="bicubic", antialias=True, align_corners=False)
-    return out[0].clamp(0, 1)
-
-
 def _run(args: argparse.Namespace) -> int:
     if args.chopping_size < 0 or args.chopping_batch < 1:
         raise SetupError("--chopping-size must be >= 0 and --chopping-batch >= 1")
@@ -401,9 +393,9 @@ def _run(args: argparse.Namespace) -> int:
             sr = sample_with_fallback(sampler, image[None], generator)[0]
             scale = args.outscale or sampler.scale
             size = (round(image.shape[-2] * scale), round(image.shape[-1] * scale))
-            sr = _resize(sr, size)
+            sr = resize_image(sr, size)
             if alpha is not None:  # alpha: plain bicubic, clamped (no diffusion)
-                alpha = _resize(alpha.to(sr.device), size)
+                alpha = resize_image(alpha.to(sr.device), size)
             write_image(job.dst, sr, alpha, bit_depth=bit_depth)
             written += 1
         except Exception as err:  # noqa: BLE001 - one bad image must not stop the others; reported below

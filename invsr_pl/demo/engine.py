@@ -29,7 +29,7 @@ from invsr_pl.sampling.color_fix import COLOR_FIX_METHODS
 from invsr_pl.sampling.oom import OutOfMemoryFallbackError, sample_with_fallback
 from invsr_pl.sampling.sampler import InvSRSampler
 from invsr_pl.utils.atomic import atomic_write
-from invsr_pl.utils.images import ImageReadError, read_image, write_image
+from invsr_pl.utils.images import ImageReadError, read_image, resize_image, write_image
 
 __all__ = ["BatchResult", "RequestError", "Result", "Settings", "Upscaler"]
 
@@ -298,7 +298,7 @@ class Upscaler:
             chop = sampler.chopping_size or "none"
             memory_note = f"out of memory: retried with chopping size {chop}, batch {sampler.chopping_batch}"
         if alpha is not None:  # alpha: plain bicubic, clamped (no diffusion), as invsr-sr
-            alpha = _resize(alpha.to(sr.device), sr.shape[-2:])
+            alpha = resize_image(alpha.to(sr.device), sr.shape[-2:])
         write_image(out_path, sr, alpha, bit_depth=bit_depth)
         before = after = None
         if previews:
@@ -373,17 +373,12 @@ class Upscaler:
         oh, ow = sr.shape[-2:]
         shrink = min(1.0, self.preview_max_side / max(oh, ow))
         size = (max(1, round(oh * shrink)), max(1, round(ow * shrink)))
-        before = _resize(image.to(sr.device), size)
+        before = resize_image(image.to(sr.device), size)
         before_path = out_path.with_name(f"{out_path.stem}_before.png")
-        write_image(before_path, before, None if alpha is None else _resize(alpha, size))
+        write_image(before_path, before, None if alpha is None else resize_image(alpha, size))
         if shrink == 1.0:
             return before_path, out_path  # browsers show 8- and 16-bit PNGs alike
         after_path = out_path.with_name(f"{out_path.stem}_preview.png")
         after_alpha = None if alpha is None else F.interpolate(alpha[None], size=size, mode="area")[0]
         write_image(after_path, F.interpolate(sr[None], size=size, mode="area")[0], after_alpha)
         return before_path, after_path
-
-
-def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
-    """(C, h, w) in [0, 1] -> (C, *size) bicubic, clamped to [0, 1]."""
-    return F.interpolate(x[None].float(), size=tuple(size), mode="bicubic").clamp(0, 1)[0]

@@ -20,12 +20,14 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 from invsr_pl.utils.atomic import atomic_path
 
 __all__ = [
+    "resize_image",
     "IMAGE_EXTENSIONS",
     "ImageReadError",
     "LoadedImage",
@@ -349,3 +351,15 @@ def write_image(path: str | Path, image: Tensor, alpha: Tensor | None = None, bi
             tifffile.imwrite(
                 tmp, array, photometric="rgb", extrasamples=("unassalpha",) if alpha is not None else None
             )
+
+
+def resize_image(image: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """``image`` (C, H, W) float in [0, 1] -> (C, *size): bicubic, antialiased when shrinking, in [0, 1].
+
+    Used for what is not super-resolved (alpha channels, the before/after reference, ``--outscale``).
+    """
+    size = (int(size[0]), int(size[1]))
+    if tuple(image.shape[-2:]) == size:
+        return image
+    out = F.interpolate(image[None].float(), size=size, mode="bicubic", antialias=True, align_corners=False)
+    return out[0].clamp(0, 1)
