@@ -1,8 +1,9 @@
 """The global batch: one number in the config, split over devices and micro-batches (docs/training.md).
 
 The recipe states the batch per optimiser step over all devices (``data.global_batch_size``, 64 in the
-paper, §4.1) and, separately, the largest batch one device runs forward/backward at once
-(``model.micro_batch_size``). The rest follows from the world size (``trainer.devices x num_nodes``)::
+paper; docs/training.md#batch-size-and-micro-batches) and, separately, the largest batch one device runs
+forward/backward at once (``model.micro_batch_size``). The rest follows from the world size
+(``trainer.devices x num_nodes``)::
 
     per_device_batch = global_batch_size / world_size          (must divide)
     micro_batches    = ceil(per_device_batch / micro_batch_size)
