@@ -1,9 +1,9 @@
 """Train InvSR with Lightning + Hydra.
 
-    python train.py experiment=quickstart                  # tiny backbone, sample photos, CPU, minutes
-    python train.py experiment=invsr_x4                    # the paper recipe, DDP on 4 GPUs
-    python train.py experiment=invsr_x4 trainer.devices=8 data.batch_size=8   # 8 GPUs, still 64 per step
-    python train.py experiment=invsr_x4 ckpt_path=last     # continue the latest run of that task
+    python train.py trainer.devices=8                      # the paper recipe (the default), global batch 64
+    python train.py experiment=quickstart                  # tiny trained backbone, sample photos, CPU, ~30 s
+    python train.py ckpt_path=last                         # continue the latest run of that task
+    python train.py experiment=finetune_x4 data.train_dataset.sources.0.root=/data/photos
     python train.py -m experiment=smoke model.gan_weight=0,0.1   # a sweep, one run folder per job
 
 ``train(cfg)`` is the testable task; ``main`` is the Hydra shell that returns ``cfg.optimized_metric``.
