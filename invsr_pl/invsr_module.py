@@ -38,6 +38,7 @@ from invsr_pl.utils.checkpoint import (
     CONSECUTIVE_NONFINITE_KEY,
     ITERATION_KEY,
     SKIPPED_STEPS_KEY,
+    drop_frozen,
     read_state_dict,
 )
 from invsr_pl.utils.seeding import stable_seed
@@ -400,9 +401,7 @@ class InvSRLitModule(L.LightningModule):
         self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
     ) -> Any:
         sd = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        for key in [k for k in sd if k.startswith(tuple(prefix + p for p in NOT_CHECKPOINTED))]:
-            del sd[key]
-        return sd
+        return drop_frozen(sd, NOT_CHECKPOINTED, prefix)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)

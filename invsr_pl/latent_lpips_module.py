@@ -30,6 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import Metric
 
 from invsr_pl.losses.perceptual import LatentLPIPS, TwoAFCRanker
+from invsr_pl.utils.checkpoint import drop_frozen
 from invsr_pl.utils.seeding import stable_seed
 
 __all__ = [
@@ -294,9 +295,7 @@ class LatentLPIPSLitModule(L.LightningModule):
         self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False
     ) -> Any:
         sd = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        for key in [k for k in sd if k.startswith(tuple(prefix + p for p in NOT_CHECKPOINTED))]:
-            del sd[key]
-        return sd
+        return drop_frozen(sd, NOT_CHECKPOINTED, prefix)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         result = super().load_state_dict(state_dict, strict=False, assign=assign)

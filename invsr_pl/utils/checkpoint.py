@@ -45,6 +45,7 @@ __all__ = [
     "CheckpointMismatchError",
     "WeightFileError",
     "check_trainable_keys",
+    "drop_frozen",
     "checkpoint_problem",
     "load_checkpoint",
     "load_noise_predictor",
@@ -292,3 +293,12 @@ def load_noise_predictor(
     model.load_state_dict(noise_predictor_state(checkpoint, ema), strict=True)
     note = "EMA weights" if ema else "module weights" + (" (checkpoint has no EMA)" if use_ema else "")
     return model, f"{note} of {path}"
+
+
+def drop_frozen(state_dict: dict[str, Any], frozen: tuple[str, ...], prefix: str = "") -> dict[str, Any]:
+    """Remove the keys of frozen, never-checkpointed parts (``prefix + p`` for each ``p`` in ``frozen``)
+    from a module's ``state_dict`` in place and return it: checkpoints hold what trains, not the frozen
+    backbone (docs/checkpoints.md, docs/lightning.md#partial-checkpoints)."""
+    for key in [k for k in state_dict if k.startswith(tuple(prefix + p for p in frozen))]:
+        del state_dict[key]
+    return state_dict
