@@ -16,20 +16,17 @@ from invsr_pl import sweeps
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+def _multirun(sweep_dir: Path, tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``python train.py -m experiment=smoke <overrides>`` with its sweep and logs below ``tmp_path``."""
+    cmd = [sys.executable, "train.py", "-m", "experiment=smoke", *overrides]
+    cmd += [f"hydra.sweep.dir={sweep_dir}", f"paths.log_dir={tmp_path / 'logs'}"]
+    return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 def test_two_job_multirun_writes_a_summary(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    cmd = [
-        sys.executable,
-        "train.py",
-        "-m",
-        "experiment=smoke",
-        "model.gan_weight=0,0.1",
-        f"hydra.sweep.dir={sweep_dir}",
-        f"paths.log_dir={tmp_path / 'logs'}",
-        "logger=csv",
-    ]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    proc = _multirun(sweep_dir, tmp_path, "model.gan_weight=0,0.1", "logger=csv")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     job_dirs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit())
     assert [p.name for p in job_dirs] == ["0", "1"]
@@ -93,16 +90,7 @@ def test_failed_job_still_leaves_a_summary(tmp_path: Path) -> None:
     written after each job still has every row, with the error (both jobs fail at once, to keep this short;
     the unit tests cover mixed tables)."""
     sweep_dir = tmp_path / "sweep"
-    cmd = [
-        sys.executable,
-        "train.py",
-        "-m",
-        "experiment=smoke",
-        "model.dis_update_freq=0,-1",  # refused by the module's constructor
-        f"hydra.sweep.dir={sweep_dir}",
-        f"paths.log_dir={tmp_path / 'logs'}",
-    ]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    proc = _multirun(sweep_dir, tmp_path, "model.dis_update_freq=0,-1")  # refused by the constructor
     assert proc.returncode != 0
     for job in ("0", "1"):
         record = json.loads((sweep_dir / job / sweeps.JOB_RECORD).read_text())
