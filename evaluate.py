@@ -36,7 +36,7 @@ import lightning.pytorch as L
 import torch
 from omegaconf import DictConfig
 
-from invsr_pl.utils.instantiate import instantiate_callbacks, instantiate_loggers, instantiate_trainer
+from invsr_pl.launch.instantiate import instantiate_callbacks, instantiate_loggers, instantiate_trainer
 from invsr_pl.utils.logging import get_logger
 
 log = get_logger(__name__)  # rank zero only

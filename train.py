@@ -35,16 +35,16 @@ from hydra.types import RunMode
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from invsr_pl.invsr_module import NonFiniteLossError
-from invsr_pl.utils.checkpoint import CheckpointMismatchError, WeightFileError
-from invsr_pl.utils.instantiate import (
+from invsr_pl.launch.instantiate import (
     instantiate_callbacks,
     instantiate_loggers,
     instantiate_trainer,
     metric_value,
 )
+from invsr_pl.launch.startup_checks import SetupError, check_checkpoint_fits, check_config
+from invsr_pl.systems.invsr import NonFiniteLossError
+from invsr_pl.utils.checkpoint import CheckpointMismatchError, WeightFileError
 from invsr_pl.utils.logging import get_logger, log_hyperparameters
-from invsr_pl.utils.startup_checks import SetupError, check_checkpoint_fits, check_config
 
 log = get_logger(__name__)  # rank zero only
 

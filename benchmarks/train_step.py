@@ -113,7 +113,7 @@ def run_module(
 ) -> Meter:
     import lightning as L
 
-    from invsr_pl.invsr_module import InvSRLitModule
+    from invsr_pl.systems.invsr import InvSRLitModule
 
     meter = Meter(device, args.warmup)
 

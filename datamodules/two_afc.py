@@ -214,7 +214,7 @@ def write_two_afc_tree(dataset: Dataset, root: str | os.PathLike, split: str) ->
 
 
 class TwoAFCDataModule(LightningDataModule):
-    """Batches of 2AFC triplets for :class:`invsr_pl.latent_lpips_module.LatentLPIPSLitModule`.
+    """Batches of 2AFC triplets for :class:`invsr_pl.systems.latent_lpips.LatentLPIPSLitModule`.
 
     Args:
         train_dataset / val_dataset / test_dataset: 2AFC datasets (``TwoAFCFolder``, ``SyntheticTwoAFC``),

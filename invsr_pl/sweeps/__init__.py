@@ -21,11 +21,12 @@ copied back from a cluster (``invsr-sweep-summary DIR`` or ``python -m invsr_pl.
   (the sweeper's objective) and, for a failed job, the error.
 
 Modules: :mod:`~invsr_pl.sweeps.results` (reading jobs, sorting), :mod:`~invsr_pl.sweeps.report` (the three
-files), :mod:`~invsr_pl.sweeps.callback` (the Hydra callback), :mod:`~invsr_pl.sweeps.command` (the command).
+files), :mod:`~invsr_pl.sweeps.callback` (the Hydra callback); the command is
+:mod:`~invsr_pl.cli.sweep_summary`.
 """
 
+from invsr_pl.cli.sweep_summary import main
 from invsr_pl.sweeps.callback import SweepSummaryCallback
-from invsr_pl.sweeps.command import main
 from invsr_pl.sweeps.report import SUMMARY_FILES, summary_csv, summary_markdown, summary_plot, write_summary
 from invsr_pl.sweeps.results import (
     JOB_RECORD,

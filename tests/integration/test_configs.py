@@ -16,7 +16,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ValueType
 from omegaconf import DictConfig, OmegaConf
 
-from invsr_pl.utils.instantiate import instantiate_callbacks, instantiate_loggers, instantiate_trainer
+from invsr_pl.launch.instantiate import instantiate_callbacks, instantiate_loggers, instantiate_trainer
 
 Compose = Callable[..., DictConfig]
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -43,7 +43,7 @@ def test_expected_options_exist() -> None:
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_composes(experiment: str, compose_cfg: Compose) -> None:
     cfg = compose_cfg([f"experiment={experiment}"])
-    assert cfg.model._target_ == "invsr_pl.invsr_module.InvSRLitModule"
+    assert cfg.model._target_ == "invsr_pl.systems.invsr.InvSRLitModule"
     assert cfg.trainer.max_steps == -1, "stop on model.max_iterations: global_step counts G and D steps"
     for key in ("gradient_clip_val", "accumulate_grad_batches"):
         assert key not in cfg.trainer, f"trainer.{key} is rejected under manual optimisation"

@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from invsr_pl import evaluation_module as EM
+from invsr_pl.systems import evaluation as EM
 
 ROOT = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -140,8 +140,8 @@ def test_validation_psnr_equals_the_table_psnr(tmp_path: Path, capsys: pytest.Ca
     for the 1-step SR and for the bicubic baseline."""
     from datamodules.samples import SamplePairs
     from datamodules.sr_datamodule import SRDataModule
-    from invsr_pl.invsr_module import InvSRLitModule
     from invsr_pl.models.tiny import tiny_noise_predictor
+    from invsr_pl.systems.invsr import InvSRLitModule
 
     cfg = make_cfg(tmp_path, "metrics=fidelity", "output.plot=false", "seed=7")
     images = {"names": None, "num_images": 2, "gt_size": 64, "scale": 4, "lq_mode": "bicubic", "seed": 0}
@@ -195,7 +195,7 @@ def test_ckpt_path_loads_the_ema_weights(tmp_path: Path) -> None:
 
 def test_fid_modes_follow_the_protocol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Paired sets: FID(SR, GT) in `mode`; LQ-only sets: against fid_reference_dir in `mode_no_reference`."""
-    from invsr_pl.metrics import Protocol
+    from invsr_pl.metrics.factory import Protocol
 
     calls = []
     monkeypatch.setattr(

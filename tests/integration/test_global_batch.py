@@ -11,8 +11,8 @@ import lightning.pytorch as L
 import pytest
 from omegaconf import DictConfig
 
-from invsr_pl.invsr_module import InvSRLitModule
-from invsr_pl.utils.startup_checks import SetupError
+from invsr_pl.launch.startup_checks import SetupError
+from invsr_pl.systems.invsr import InvSRLitModule
 from train import train
 
 MakeCfg = Callable[..., DictConfig]

@@ -15,7 +15,9 @@ from hydra.core.global_hydra import GlobalHydra
 
 from datamodules.two_afc import TwoAFCDataModule
 from datamodules.two_afc_synthetic import SyntheticTwoAFC
-from invsr_pl.latent_lpips_module import (
+from invsr_pl.losses.perceptual import LatentLPIPS
+from invsr_pl.models.tiny import build_tiny_sd_turbo, tiny_vae_config
+from invsr_pl.systems.latent_lpips import (
     LatentLPIPSLitModule,
     TwoAFCScore,
     export_checkpoint,
@@ -23,8 +25,6 @@ from invsr_pl.latent_lpips_module import (
     main,
     two_afc_score,
 )
-from invsr_pl.losses.perceptual import LatentLPIPS
-from invsr_pl.models.tiny import build_tiny_sd_turbo, tiny_vae_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_ROOT / "conf"
@@ -299,7 +299,7 @@ def test_configs_map_to_constructors(name: str, overrides: list[str]) -> None:
 def test_full_recipe_is_the_papers() -> None:
     cfg = _compose("train", [f"paths.root_dir={REPO_ROOT}", "paths.output_dir=/x", "experiment=latent_lpips"])
     model, data = cfg.model, cfg.data
-    assert model._target_ == "invsr_pl.latent_lpips_module.LatentLPIPSLitModule" and model.mode == "tune"
+    assert model._target_ == "invsr_pl.systems.latent_lpips.LatentLPIPSLitModule" and model.mode == "tune"
     assert model.optimizer.lr == 1e-4 and list(model.optimizer.betas) == [0.5, 0.999]
     assert (model.constant_epochs, model.decay_epochs, cfg.trainer.max_epochs) == (5, 5, 10)
     assert model.lpips.imagenet_trunk and model.lpips.base_channels == 64 and model.ranker_hidden == 32

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from invsr_pl.evaluation import sr_generator
-from invsr_pl.metrics import quantize_8bit
+from invsr_pl.metrics.factory import quantize_8bit
+from invsr_pl.metrics.report import sr_generator
 from invsr_pl.sampling.color_fix import rgb_to_ycbcr_bt601
 from train import train
 

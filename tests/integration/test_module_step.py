@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from invsr_pl.invsr_module import InvSRLitModule, warmup_factor
 from invsr_pl.losses.perceptual import LatentLPIPS
 from invsr_pl.models.tiny import build_tiny_sd_turbo, tiny_discriminator, tiny_noise_predictor
+from invsr_pl.systems.invsr import InvSRLitModule, warmup_factor
 from invsr_pl.utils.logging import parameter_summary
 
 LQ, GT = 16, 64  # LQ 16 px -> GT 64 px (x4) -> latent 8 px

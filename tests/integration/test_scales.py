@@ -9,8 +9,8 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
+from invsr_pl.cli.export import main as export_main
 from invsr_pl.cli.sr import main as sr_main
-from invsr_pl.export import main as export_main
 from invsr_pl.utils.images import read_image, write_image
 from train import train
 

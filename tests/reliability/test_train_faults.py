@@ -22,9 +22,9 @@ from reliability_helpers import (
 )
 
 from callbacks.checkpoint import AtomicCheckpointIO
+from invsr_pl.launch.instantiate import find_last_checkpoint
+from invsr_pl.launch.startup_checks import SetupError, check_config
 from invsr_pl.utils.checkpoint import CheckpointMismatchError, WeightFileError
-from invsr_pl.utils.instantiate import find_last_checkpoint
-from invsr_pl.utils.startup_checks import SetupError, check_config
 from train import train
 
 MakeCfg = Callable[..., DictConfig]

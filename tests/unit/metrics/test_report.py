@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from invsr_pl import evaluation as E
+from invsr_pl.metrics import report as E
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -3,10 +3,10 @@
 Lightning's test loop is the engine: it shards the images over ranks, shows progress and talks to loggers.
 Each test set (``SRDataModule.test_datasets``, one per benchmark) is scored for every *method*: the bicubic
 baseline and each study row (a timestep set). Metrics come from the one factory
-(:func:`invsr_pl.metrics.build_metric_set`) and are updated through :func:`invsr_pl.metrics.score_images`,
-exactly as validation during training does. Per-image rows are gathered from every rank at epoch end; rank 0
-writes ``metrics.md``, ``metrics.csv``, ``per_image.csv``, ``report.txt``, ``metadata.json`` and the
-fidelity-realism plot (docs/evaluation.md).
+(:func:`invsr_pl.metrics.factory.build_metric_set`) and are updated through
+:func:`invsr_pl.metrics.factory.score_images`, exactly as validation during training does. Per-image rows
+are gathered from every rank at epoch end; rank 0 writes ``metrics.md``, ``metrics.csv``, ``per_image.csv``,
+``report.txt``, ``metadata.json`` and the fidelity-realism plot (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from invsr_pl import evaluation as E
-from invsr_pl import metrics as M
+from invsr_pl.metrics import factory as M
+from invsr_pl.metrics import report as E
 from invsr_pl.models.timesteps import default_timesteps, validate_timesteps
 from invsr_pl.sampling.color_fix import upsample_reference
 from invsr_pl.sampling.sampler import InvSRSampler

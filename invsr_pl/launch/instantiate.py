@@ -124,7 +124,7 @@ def resolve_ckpt_path(ckpt_path: str | None, search_dir: str | Path) -> str | No
     folder, see :func:`find_last_checkpoint`), so a fresh invocation continues the latest run, or a fresh
     start when there is none; any other value must be an existing file (Lightning's special names
     ``"hpc"``/``"best"``/``"registry"`` pass through). Whether a file is readable and fits the model is
-    checked by ``invsr_pl.utils.startup_checks``.
+    checked by ``invsr_pl.launch.startup_checks``.
     """
     if ckpt_path is None or str(ckpt_path).strip() in ("", "null", "None"):
         return None

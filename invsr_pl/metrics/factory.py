@@ -3,7 +3,7 @@
 A *protocol* (``conf/protocol/*.yaml``) says exactly which implementation and settings each metric column
 uses, because "LPIPS", "MANIQA" and "FID" mean different models across papers (docs/evaluation.md).
 :func:`build_metric_set` is the one factory: it turns (protocol, column names) into scorers plus the reasons
-any column is unavailable (weight files: :mod:`invsr_pl.metric_weights`). Validation during training
+any column is unavailable (weight files: :mod:`invsr_pl.metrics.weights`). Validation during training
 (``InvSRLitModule``) and evaluation (``InvSREvaluation``) both score through it and :func:`score_images`,
 so a validation number and a table number for the same weights and images are the same number.
 
@@ -29,7 +29,7 @@ import yaml
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from invsr_pl import metric_weights as W
+from invsr_pl.metrics import weights as W
 
 #: Column order of the tables (the paper's Table order: fidelity first, then perceptual, then no-reference).
 METRIC_ORDER = (
@@ -52,7 +52,7 @@ METRIC_ORDER = (
 PSNR_IDENTICAL_DB = 80.0
 
 #: The protocol files (``conf/protocol/<name>.yaml``).
-PROTOCOL_DIR = Path(__file__).resolve().parents[1] / "conf" / "protocol"
+PROTOCOL_DIR = Path(__file__).resolve().parents[2] / "conf" / "protocol"
 #: The protocol validation during training scores with (the paper's own, so curves match its tables).
 VALIDATION_PROTOCOL = "invsr"
 

@@ -25,7 +25,7 @@ import torch
 from invsr_pl.utils.offline import hub_offline
 
 if TYPE_CHECKING:
-    from invsr_pl.metrics import MetricSpec
+    from invsr_pl.metrics.factory import MetricSpec
 
 
 class WeightsUnavailableError(RuntimeError):

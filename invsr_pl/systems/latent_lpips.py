@@ -368,7 +368,7 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m invsr_pl.latent_lpips_module CKPT OUT.pth``. Exit codes: 0 written, 2 setup error."""
+    """``python -m invsr_pl.systems.latent_lpips CKPT OUT.pth``. Exit codes: 0 written, 2 setup error."""
     parser = argparse.ArgumentParser(
         description="Export a trained latent LPIPS to vgg16_sdturbo_lpips.pth layout"
     )

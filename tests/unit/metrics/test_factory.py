@@ -10,15 +10,15 @@ import pytest
 import torch
 import yaml
 
-from invsr_pl import metric_weights as W
-from invsr_pl import metrics as M
+from invsr_pl.metrics import factory as M
+from invsr_pl.metrics import weights as W
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "protocol"
+CONF = Path(__file__).resolve().parents[3] / "conf" / "protocol"
 
 
 def load_protocol(name: str) -> M.Protocol:
     cfg = yaml.safe_load((CONF / f"{name}.yaml").read_text())
-    assert cfg.pop("_target_") == "invsr_pl.metrics.Protocol"
+    assert cfg.pop("_target_") == "invsr_pl.metrics.factory.Protocol"
     return M.Protocol(**cfg)
 
 

@@ -15,13 +15,13 @@ from typing import Any
 
 from torch import nn
 
+from invsr_pl.launch.instantiate import resolve_ckpt_path
 from invsr_pl.utils.checkpoint import (
     STATE_PREFIX,
     check_trainable_keys,
     checkpoint_problem,
     load_checkpoint,
 )
-from invsr_pl.utils.instantiate import resolve_ckpt_path
 
 __all__ = ["SetupError", "check_checkpoint_fits", "check_config"]
 

@@ -27,9 +27,15 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from invsr_pl.evaluation import batch_positions, sr_generator
 from invsr_pl.losses.adversarial import clamp_fake, generator_adv_loss, hinge_d_loss
-from invsr_pl.metrics import VALIDATION_PROTOCOL, MetricSet, build_metric_set, load_protocol, score_images
+from invsr_pl.metrics.factory import (
+    VALIDATION_PROTOCOL,
+    MetricSet,
+    build_metric_set,
+    load_protocol,
+    score_images,
+)
+from invsr_pl.metrics.report import batch_positions, sr_generator
 from invsr_pl.models.timesteps import to_index, validate_timesteps
 from invsr_pl.sampling.color_fix import upsample_reference
 from invsr_pl.sampling.sampler import InvSRSampler
@@ -329,7 +335,7 @@ class InvSRLitModule(L.LightningModule):
         self, batch: dict[str, Any], batch_idx: int, metrics: nn.ModuleDict, loader: Any, prefix: str
     ) -> dict[int, Tensor]:
         """SR per ``val_num_steps`` and the bicubic baseline, scored exactly as ``evaluate.py`` scores them
-        (:func:`invsr_pl.metrics.score_images`: 8-bit SR, protocol ``invsr``) and logged as
+        (:func:`invsr_pl.metrics.factory.score_images`: 8-bit SR, protocol ``invsr``) and logged as
         ``<prefix>/<metric>_<n>step`` / ``<prefix>/<metric>_bicubic``. Returns {n: SR (B,3,H,W) in [0, 1]}."""
         _, keep = batch_positions(loader, batch_idx, len(batch["lq"]))
         lq, gt = batch["lq"][keep], batch["gt"][keep]

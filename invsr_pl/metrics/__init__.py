@@ -1,0 +1,1 @@
+"""Image-quality metrics: the factory (pyiqa, lpips, torchmetrics), weight files, FID, report tables."""

@@ -1,0 +1,1 @@
+"""Lightning systems: they orchestrate models, losses and metrics (training, evaluation, latent LPIPS)."""
