@@ -44,6 +44,7 @@ class _TimeAwareEncoder(nn.Module):
         norm_num_groups: int,
         temb_channels: int,
         mid_block_add_attention: bool,
+        down_block_types: Sequence[str],
     ) -> None:
         super().__init__()
         # docs/method.md: sinusoid width max(128, C0) (256 for the paper), flip_sin_to_cos, shift 0.
@@ -54,11 +55,12 @@ class _TimeAwareEncoder(nn.Module):
 
         self.down_blocks = nn.ModuleList()
         prev = block_out_channels[0]
-        for i, (width, layers) in enumerate(zip(block_out_channels, layers_per_block, strict=True)):
+        blocks = zip(block_out_channels, layers_per_block, down_block_types, strict=True)
+        for i, (width, layers, block_type) in enumerate(blocks):
             is_final = i == len(block_out_channels) - 1
             self.down_blocks.append(
                 get_down_block(
-                    "AttnDownBlock2D",
+                    block_type,
                     num_layers=layers,
                     in_channels=prev,
                     out_channels=width,
@@ -136,6 +138,9 @@ class NoisePredictor(nn.Module):
         mid_block_add_attention: self-attention in the mid block.
         scale: super-resolution factor (SR size = scale * LR size).
         vae_scale_factor: spatial factor of the backbone VAE (8 for SD).
+        down_block_types: diffusers block type per width, ``"AttnDownBlock2D"`` (the paper, the default for
+            every block) or ``"DownBlock2D"`` (no self-attention: the tiny twins, whose first block would
+            otherwise attend over every LR pixel).
     """
 
     def __init__(
@@ -150,6 +155,7 @@ class NoisePredictor(nn.Module):
         mid_block_add_attention: bool = True,
         scale: int = 4,
         vae_scale_factor: int = 8,
+        down_block_types: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         stages = down_stages(scale, vae_scale_factor)
@@ -169,6 +175,12 @@ class NoisePredictor(nn.Module):
                 f"layers_per_block {layers_per_block} must be a positive int or one positive int per block "
                 f"({len(widths)} blocks)"
             )
+        types = ["AttnDownBlock2D"] * len(widths) if down_block_types is None else list(down_block_types)
+        allowed = ("AttnDownBlock2D", "DownBlock2D")
+        if len(types) != len(widths) or any(t not in allowed for t in types):
+            raise ValueError(
+                f"down_block_types {types} must hold one of {allowed} per block ({len(widths)} blocks)"
+            )
         for w in widths:
             if w % norm_num_groups or w % attention_head_dim:
                 raise ValueError(
@@ -187,6 +199,8 @@ class NoisePredictor(nn.Module):
             "scale": scale,
             "vae_scale_factor": vae_scale_factor,
         }
+        if down_block_types is not None:  # absent from configs written before the option existed
+            self.config["down_block_types"] = types
         self.scale = scale
         self.num_down_stages = stages
         self.in_channels = in_channels
@@ -200,6 +214,7 @@ class NoisePredictor(nn.Module):
             norm_num_groups=norm_num_groups,
             temb_channels=temb_channels,
             mid_block_add_attention=mid_block_add_attention,
+            down_block_types=types,
         )
 
     def forward(self, lr: Tensor, index: int | Tensor) -> DiagonalGaussianDistribution:
