@@ -28,7 +28,6 @@ from invsr_pl.utils.checkpoint import (
     CONFIG_KEY,
     WeightFileError,
     load_checkpoint,
-    load_noise_predictor,  # noqa: F401 - old import path (evaluate.py); import from invsr_pl.utils.checkpoint
     noise_predictor_state,
 )
 

@@ -167,7 +167,7 @@ def _device(name: str) -> torch.device:
 
 
 def _load_noise_predictor(path: Path):  # -> NoisePredictor
-    from invsr_pl.utils.checkpoint import load_noise_predictor
+    from invsr_pl.models.loading import load_noise_predictor
 
     try:
         return load_noise_predictor(path)[0]

@@ -25,10 +25,10 @@ from torch import Tensor, nn
 
 from invsr_pl.metrics import factory as M
 from invsr_pl.metrics import report as E
+from invsr_pl.models.loading import load_noise_predictor
 from invsr_pl.models.timesteps import default_timesteps, validate_timesteps
 from invsr_pl.sampling.color_fix import upsample_reference
 from invsr_pl.sampling.sampler import InvSRSampler
-from invsr_pl.utils.checkpoint import load_noise_predictor
 from invsr_pl.utils.images import write_image
 
 BICUBIC = "Bicubic"
@@ -66,7 +66,7 @@ class InvSREvaluation(L.LightningModule):
             reported as unavailable.
         study: the table rows (``conf/study``): ``[{label?, timesteps? | num_steps?}]``.
         ckpt_path: a ``train.py`` ``.ckpt``, a ``save_pretrained`` folder or an official weight file,
-            loaded by :func:`invsr_pl.utils.checkpoint.load_noise_predictor`.
+            loaded by :func:`invsr_pl.models.loading.load_noise_predictor`.
         use_ema: ``.ckpt`` only: the EMA weights (if present) instead of the module's.
         sampler: ``InvSRSampler`` keyword arguments (``chopping_size``, ``chopping_batch``, ``color_fix``).
         benchmarks: test-set name -> ``{color_fix, fid_reference_dir}``; a ``color_fix`` there wins over

@@ -21,17 +21,14 @@ from __future__ import annotations
 import pickle
 import re
 import zipfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
-
-if TYPE_CHECKING:
-    from invsr_pl.models.noise_predictor import NoisePredictor
 
 __all__ = [
     "CONFIG_KEY",
@@ -48,7 +45,6 @@ __all__ = [
     "drop_frozen",
     "checkpoint_problem",
     "load_checkpoint",
-    "load_noise_predictor",
     "noise_predictor_state",
     "read_state_dict",
     "strip_wrapper_prefixes",
@@ -91,10 +87,32 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
+def _file_format(path: Path) -> str | None:
+    """``"zip"`` (``torch.save`` since PyTorch 1.6), ``"pickle"`` (legacy ``torch.save``), ``"safetensors"``
+    or None (none of them), from the first bytes of the file."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    if head.startswith(b"PK"):
+        return "zip"
+    if head[:1] == b"\x80":  # pickle protocol 2+ opcode, how the legacy format begins
+        return "pickle"
+    # safetensors: an 8-byte little-endian header length, then the JSON header
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000:
+        return "safetensors"
+    return None
+
+
 def _torch_load(path: Path, what: str, mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)``; every failure becomes a one-line :class:`WeightFileError`."""
     if path.stat().st_size == 0:
         raise WeightFileError(f"{what} {path} is empty (0 bytes): an interrupted write?")
+    kind = _file_format(path)
+    if kind is None:  # e.g. a text file: torch.load would fail with a bare KeyError on its first byte
+        raise WeightFileError(
+            f"{what} {path} is not a weight file (neither safetensors nor a PyTorch checkpoint)"
+        )
+    if kind == "safetensors":
+        raise WeightFileError(f"{what} {path} is a safetensors weight file, not a PyTorch checkpoint")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
@@ -107,7 +125,7 @@ def _torch_load(path: Path, what: str, mmap: bool = False) -> Any:
                 "tensors"
             ) from err
         raise WeightFileError(f"{what} {path} is not a PyTorch weight file ({_first_line(err)})") from err
-    except (EOFError, zipfile.BadZipFile) as err:
+    except (EOFError, KeyError, zipfile.BadZipFile) as err:
         raise WeightFileError(f"{what} {path} is truncated or corrupt ({_first_line(err)})") from err
     except RuntimeError as err:
         message = str(err)
@@ -138,7 +156,7 @@ def read_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, Ten
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or (path.stat().st_size and _file_format(path) == "safetensors"):
         try:
             raw: object = load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as err:
@@ -256,43 +274,6 @@ def noise_predictor_state(checkpoint: Mapping[str, Any], use_ema: bool = True) -
                 f"checkpoint state_dict has no {STATE_PREFIX!r} keys; is it an InvSR training checkpoint?"
             )
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-
-
-def load_noise_predictor(
-    path: str | Path, use_ema: bool = True, default: Callable[[], NoisePredictor] | None = None
-) -> tuple[NoisePredictor, str]:
-    """Any noise-predictor weights the project knows, plus a note saying which weights were loaded.
-
-    Args:
-        path: a ``save_pretrained`` folder (or its ``model.safetensors``), a Lightning ``.ckpt`` from
-            ``train.py`` (EMA weights by default, architecture from the checkpoint), or a plain weight file
-            such as the released ``noise_predictor_sd_turbo_v5.pth`` (architecture from ``default``).
-        use_ema: ``.ckpt`` only: the EMA weights if the checkpoint has them, else the module's.
-        default: builds the architecture for plain weight files (``NoisePredictor()``, the paper's, if None).
-
-    Raises:
-        FileNotFoundError: no such file or folder.
-        WeightFileError: the file cannot be read safely (one line naming it).
-        RuntimeError / ValueError / KeyError: the weights do not fit (strict loading; the message says why).
-    """
-    from invsr_pl.models.noise_predictor import NoisePredictor  # the model module imports this one
-
-    default = default or NoisePredictor
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"noise predictor {path} does not exist")
-    if path.is_dir():
-        return NoisePredictor.from_pretrained(path), f"exported folder {path}"
-    if path.suffix == ".safetensors" and (path.parent / "config.json").is_file():
-        return NoisePredictor.from_pretrained(path.parent), f"exported folder {path.parent}"
-    if path.suffix != ".ckpt":  # the released .pth / .safetensors: strict keys (docs/checkpoints.md)
-        return default().load_checkpoint(path), f"weights file {path}"
-    checkpoint = load_checkpoint(path)
-    ema = use_ema and EMA_KEY in checkpoint
-    model = NoisePredictor(**checkpoint[CONFIG_KEY]) if CONFIG_KEY in checkpoint else default()
-    model.load_state_dict(noise_predictor_state(checkpoint, ema), strict=True)
-    note = "EMA weights" if ema else "module weights" + (" (checkpoint has no EMA)" if use_ema else "")
-    return model, f"{note} of {path}"
 
 
 def drop_frozen(state_dict: dict[str, Any], frozen: tuple[str, ...], prefix: str = "") -> dict[str, Any]:

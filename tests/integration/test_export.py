@@ -13,10 +13,10 @@ from torch.utils.data import DataLoader
 
 from callbacks.ema import NoisePredictorEMA
 from invsr_pl.cli.export import OFFICIAL_NAME, main
+from invsr_pl.models.loading import load_noise_predictor
 from invsr_pl.models.noise_predictor import NoisePredictor
 from invsr_pl.models.tiny import TINY_NOISE_PREDICTOR, build_tiny_sd_turbo, tiny_noise_predictor
 from invsr_pl.systems.invsr import InvSRLitModule
-from invsr_pl.utils.checkpoint import load_noise_predictor
 
 
 @pytest.fixture(scope="module")

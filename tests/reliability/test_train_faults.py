@@ -186,7 +186,7 @@ def test_bad_checkpoint_files_are_refused_before_anything_is_built(
         assert str(path) in message and "\n" not in message, kind
     assert not (tmp_path / "w" / "PWNED").exists()
     with pytest.raises(WeightFileError):  # the same files through the noise-predictor loader (evaluate.py)
-        from invsr_pl.utils.checkpoint import load_noise_predictor
+        from invsr_pl.models.loading import load_noise_predictor
 
         load_noise_predictor(files["malicious"])
 
