@@ -47,6 +47,7 @@ from invsr_pl.utils.checkpoint import (
     drop_frozen,
     read_state_dict,
 )
+from invsr_pl.utils.provenance import PROVENANCE_KEY
 from invsr_pl.utils.seeding import stable_seed
 
 if TYPE_CHECKING:
@@ -415,7 +416,13 @@ class InvSRLitModule(L.LightningModule):
         result.missing_keys[:] = [k for k in result.missing_keys if not k.startswith(NOT_CHECKPOINTED)]
         return result
 
+    # What the run trains against (invsr_pl.utils.provenance.training_provenance of the composed config), set
+    # by train.py after instantiation: only the launcher sees the whole config; None records nothing.
+    provenance: dict[str, Any] | None = None
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.provenance is not None:  # evaluate.py / invsr-sr score on this backbone by default
+            checkpoint[PROVENANCE_KEY] = self.provenance
         checkpoint[ITERATION_KEY] = self.iteration
         checkpoint[SKIPPED_STEPS_KEY] = self.skipped_steps
         checkpoint[CONSECUTIVE_NONFINITE_KEY] = self.consecutive_nonfinite

@@ -115,8 +115,9 @@ def _prompt(backbone_cfg: Mapping[str, Any]) -> str | None:
     return default.default if default is not None and isinstance(default.default, str) else None
 
 
-def training_provenance(cfg: Mapping[str, Any], backbone_choice: str | None = None) -> dict[str, Any]:
-    """The provenance dict (format 1, see the module docstring) of a composed ``train.py`` config.
+def training_provenance(cfg: Mapping[str, Any], backbone_choice: str | None = None) -> dict[str, Any] | None:
+    """The provenance dict (format 1, see the module docstring) of a composed ``train.py`` config; None for
+    a model without ``model.backbone`` and ``model.noise_predictor`` (e.g. the latent-LPIPS system).
 
     Args:
         cfg: the training config (``DictConfig`` or mapping) with ``model.backbone``,
@@ -125,11 +126,15 @@ def training_provenance(cfg: Mapping[str, Any], backbone_choice: str | None = No
             Hydra when it runs, else inferred from the builder.
     """
     model = cfg["model"]
+    if not isinstance(model.get("backbone"), Mapping) or not isinstance(
+        model.get("noise_predictor"), Mapping
+    ):
+        return None
     backbone_cfg = _plain(model["backbone"])
     if backbone_choice is None:
         backbone_choice = _hydra_choice("model/backbone")
     name, revision = backbone_identity(backbone_cfg)
-    noise_predictor = _plain(model.get("noise_predictor") or {})
+    noise_predictor = _plain(model["noise_predictor"])
     scale = cfg.get("scale") or noise_predictor.get("scale") or 4
     return {
         "format": FORMAT,
