@@ -45,6 +45,7 @@ from invsr_pl.launch.startup_checks import SetupError, check_checkpoint_fits, ch
 from invsr_pl.systems.invsr import NonFiniteLossError
 from invsr_pl.utils.checkpoint import CheckpointMismatchError, WeightFileError
 from invsr_pl.utils.logging import get_logger, log_hyperparameters
+from invsr_pl.utils.provenance import training_provenance
 
 log = get_logger(__name__)  # rank zero only
 
@@ -94,6 +95,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
     log.info("Instantiating model <%s>", cfg.model._target_)
     model: L.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
+    model.provenance = training_provenance(cfg)  # recorded in every checkpoint (utils/provenance.py)
     check_checkpoint_fits(ckpt_path, model)  # Lightning's non-strict load would keep random weights
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
