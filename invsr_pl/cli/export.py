@@ -59,7 +59,8 @@ def export_noise_predictor(
     out_dir.mkdir(parents=True, exist_ok=True)
     # save_pretrained writes into a scratch folder beside out_dir; each file then lands atomically
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export.") as scratch:
-        for written in sorted(model.save_pretrained(scratch).iterdir()):
+        model.save_pretrained(scratch)
+        for written in sorted(Path(scratch).iterdir()):
             with atomic_path(out_dir / written.name) as tmp:
                 shutil.copyfile(written, tmp)
     official = out_dir / OFFICIAL_NAME
@@ -91,7 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"invsr-export: error: {message}", file=sys.stderr)
         return 2
     kind = "raw" if args.no_ema else "EMA"
-    print(f"wrote {kind} noise predictor: {folder}/model.safetensors, {folder}/config.json, {official}")
+    print(
+        f"wrote {kind} noise predictor: {folder}/diffusion_pytorch_model.safetensors, "
+        f"{folder}/config.json, {official}"
+    )
     return 0
 
 

@@ -4,7 +4,8 @@ The network is an SD-style UNet (docs/method.md) composed from upstream diffuser
 changes: no output head, a second "multi-in" stem whose features are re-injected before every down block,
 and four "multi-out" logit heads (one on the mid block, one after each up block). The paper configuration is
 the constructor default and has the state-dict layout of the released ``discriminator_sd_turbo_v5.pth``, so
-``LatentDiscriminator.from_official(path)`` loads it strictly.
+``LatentDiscriminator.from_official(path)`` loads it strictly. A diffusers model (``ModelMixin`` +
+``ConfigMixin``): ``save_pretrained`` / ``from_pretrained`` (strict) and diffusers' gradient checkpointing.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TextTimeEmbedding, TimestepEmbedding, Timesteps
 from diffusers.models.unets.unet_2d_blocks import get_down_block, get_mid_block, get_up_block
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from invsr_pl.models.strict_pretrained import StrictModelMixin
 from invsr_pl.models.timesteps import batch_index
 from invsr_pl.utils.checkpoint import read_state_dict
 
@@ -46,7 +49,12 @@ def _logit_head(channels: int, norm_num_groups: int, norm_eps: float) -> nn.Sequ
     )
 
 
-class LatentDiscriminator(nn.Module):
+def _checkpoint(module: nn.Module, *args):
+    """diffusers' default checkpointing function (non-reentrant), through this module's ``checkpoint``."""
+    return checkpoint(module.__call__, *args, use_reentrant=False)
+
+
+class LatentDiscriminator(StrictModelMixin, ConfigMixin):
     """Multi-scale UNet discriminator on scaled SD latents, conditioned on timestep index and prompt.
 
     Paper configuration (docs/method.md) = constructor defaults: 112,082,532 parameters, state-dict keys
@@ -78,6 +86,9 @@ class LatentDiscriminator(nn.Module):
         center_input_sample: map the input with ``2 * x - 1`` first (off for InvSR).
     """
 
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
     def __init__(
         self,
         in_channels: int = 4,
@@ -119,6 +130,8 @@ class LatentDiscriminator(nn.Module):
         self.in_channels = in_channels
         self.cross_attention_dim = cross_attention_dim
         self.center_input_sample = center_input_sample
+        # as in diffusers' UNet2DConditionModel: a model-level flag beside the blocks' own, which
+        # enable_gradient_checkpointing sets together (the blocks then recompute their resnets/transformers)
         self.gradient_checkpointing = False
 
         # Stems: the usual conv_in plus the multi-in stem with norm_num_groups channels (docs/method.md).
@@ -232,14 +245,10 @@ class LatentDiscriminator(nn.Module):
         model.load_state_dict(read_state_dict(path, "discriminator checkpoint"), strict=True)
         return model
 
-    def enable_gradient_checkpointing(self) -> None:
-        """Recompute every down, mid and up block in backward (the official skips the mid)."""
-        self.gradient_checkpointing = True
-
-    def _run(self, block: nn.Module, *args, **kwargs):
-        if self.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, *args, use_reentrant=False, **kwargs)
-        return block(*args, **kwargs)
+    def enable_gradient_checkpointing(self, gradient_checkpointing_func=None) -> None:
+        """diffusers' mechanism: every resnet and transformer of the down, mid and up blocks is recomputed in
+        backward (the official checkpoints whole blocks and skips the mid; the gradients are the same)."""
+        super().enable_gradient_checkpointing(gradient_checkpointing_func or _checkpoint)
 
     def forward(self, latent: Tensor, index: Tensor | int, encoder_hidden_states: Tensor) -> list[Tensor]:
         """Score latents as real (large logits) or fake (small logits) at four scales.
@@ -290,15 +299,15 @@ class LatentDiscriminator(nn.Module):
             extra_here = F.interpolate(extra, size=sample.shape[-2:], mode="bicubic")
             sample = torch.cat([sample, extra_here], dim=1)
             if getattr(block, "has_cross_attention", False):
-                sample, res = self._run(block, sample, emb, encoder_hidden_states=encoder_hidden_states)
+                sample, res = block(sample, emb, encoder_hidden_states=encoder_hidden_states)
             else:
-                sample, res = self._run(block, sample, emb)
+                sample, res = block(sample, emb)
             skips += res
 
         if getattr(self.mid_block, "has_cross_attention", False):
-            sample = self._run(self.mid_block, sample, emb, encoder_hidden_states=encoder_hidden_states)
+            sample = self.mid_block(sample, emb, encoder_hidden_states=encoder_hidden_states)
         else:
-            sample = self._run(self.mid_block, sample, emb)
+            sample = self.mid_block(sample, emb)
         logits = [self.out_blocks[0](sample)]
 
         # As in the SD UNet: give the upsampler the skip size when h, w are not multiples of 2**n_upsamplers.
@@ -309,10 +318,10 @@ class LatentDiscriminator(nn.Module):
             res, skips = skips[-n_res:], skips[:-n_res]
             size = skips[-1].shape[2:] if odd_size and i < len(self.up_blocks) - 1 else None
             if getattr(block, "has_cross_attention", False):
-                sample = self._run(
-                    block, sample, res, emb, encoder_hidden_states=encoder_hidden_states, upsample_size=size
+                sample = block(
+                    sample, res, emb, encoder_hidden_states=encoder_hidden_states, upsample_size=size
                 )
             else:
-                sample = self._run(block, sample, res, emb, upsample_size=size)
+                sample = block(sample, res, emb, upsample_size=size)
             logits.append(self.out_blocks[i + 1](sample))
         return logits

@@ -5,29 +5,33 @@ blocks (``Timesteps``, ``TimestepEmbedding``, ``get_down_block("AttnDownBlock2D"
 the LR image at its native resolution to ``2 * latent_channels`` maps (mean, logvar) on the SD latent grid of
 the SR image. Attribute names follow the released checkpoint so that ``noise_predictor_sd_turbo_v5.pth``
 (164 tensors, keys ``encoder.*``) loads with strict key matching.
+
+A diffusers model (``ModelMixin`` + ``ConfigMixin``): ``save_pretrained(folder)`` writes ``config.json`` +
+``diffusion_pytorch_model.safetensors``, ``NoisePredictor.from_pretrained(folder_or_hub_id, subfolder=...)``
+reads them (docs/checkpoints.md).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D, get_down_block
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from invsr_pl.models.strict_pretrained import StrictModelMixin
 from invsr_pl.models.timesteps import batch_index
 from invsr_pl.utils.checkpoint import read_state_dict
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-# docs/checkpoints.md: DDP and torch.compile wrappers prefix the keys of saved state dicts.
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "NoisePredictor", "down_stages"]
+
+CONFIG_NAME = "config.json"  # diffusers' names for what save_pretrained writes
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 _NORM_EPS = 1e-6  # docs/method.md: GroupNorm eps 1e-6 everywhere (resnets, attention, head)
 
 
@@ -120,7 +124,7 @@ def down_stages(scale: int, vae_scale_factor: int) -> int:
     return stages
 
 
-class NoisePredictor(nn.Module):
+class NoisePredictor(StrictModelMixin, ConfigMixin):
     """Predicts the noise that inverts the LR image onto the diffusion trajectory (docs/method.md).
 
     Defaults are the paper's configuration (33,837,576 parameters). The number of x2 downsampling stages is
@@ -143,6 +147,9 @@ class NoisePredictor(nn.Module):
             otherwise attend over every LR pixel).
     """
 
+    _supports_gradient_checkpointing = True  # the diffusers blocks recompute their resnets / attentions
+
+    @register_to_config
     def __init__(
         self,
         in_channels: int = 3,
@@ -187,20 +194,12 @@ class NoisePredictor(nn.Module):
                     f"block width {w} must be divisible by norm_num_groups={norm_num_groups} and "
                     f"attention_head_dim={attention_head_dim}"
                 )
-        self.config: dict[str, Any] = {
-            "in_channels": in_channels,
-            "latent_channels": latent_channels,
-            "block_out_channels": widths,
-            "layers_per_block": layers if not isinstance(layers_per_block, int) else layers_per_block,
-            "attention_head_dim": attention_head_dim,
-            "norm_num_groups": norm_num_groups,
-            "temb_channels": temb_channels,
-            "mid_block_add_attention": mid_block_add_attention,
-            "scale": scale,
-            "vae_scale_factor": vae_scale_factor,
-        }
-        if down_block_types is not None:  # absent from configs written before the option existed
-            self.config["down_block_types"] = types
+        # the config (config.json, the checkpoint's noise_predictor_config) holds plain lists, not tuples
+        self.register_to_config(
+            block_out_channels=widths,
+            layers_per_block=layers if not isinstance(layers_per_block, int) else layers_per_block,
+            down_block_types=None if down_block_types is None else types,
+        )
         self.scale = scale
         self.num_down_stages = stages
         self.in_channels = in_channels
@@ -268,7 +267,7 @@ class NoisePredictor(nn.Module):
                 return ", ".join(items[:5]) + (f" ... (+{len(items) - 5} more)" if len(items) > 5 else "")
 
             raise RuntimeError(
-                f"checkpoint {path} does not match NoisePredictor({self.config}): "
+                f"checkpoint {path} does not match NoisePredictor({_public(self.config)}): "
                 f"{len(missing)} missing [{head(missing)}], "
                 f"{len(unexpected)} unexpected [{head(unexpected)}], "
                 f"{len(mismatched)} shape mismatches [{head(mismatched)}]"
@@ -285,21 +284,7 @@ class NoisePredictor(nn.Module):
         """
         return cls(**ctor_kwargs).load_checkpoint(path)
 
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write ``model.safetensors`` (fp32 weights) and ``config.json`` (ctor kwargs) into ``folder``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-        (folder / CONFIG_NAME).write_text(json.dumps(self.config, indent=2) + "\n")
-        return folder
 
-    @classmethod
-    def from_pretrained(cls, folder: str | Path) -> NoisePredictor:
-        """Rebuild from a folder written by :meth:`save_pretrained` (strict load)."""
-        folder = Path(folder)
-        config_path = folder / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} not found; expected a folder written by save_pretrained")
-        config = json.loads(config_path.read_text())
-        return cls(**config).load_checkpoint(folder / WEIGHTS_NAME)
+def _public(config: Any) -> dict[str, Any]:
+    """The constructor arguments of a diffusers config (without its ``_``-prefixed bookkeeping keys)."""
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}

@@ -91,7 +91,11 @@ def test_exported_files_have_ordinary_permissions(
     path, _ = trained
     assert main([str(path), str(tmp_path / "out")]) == 0
     files = sorted((tmp_path / "out").iterdir())
-    assert [f.name for f in files] == ["config.json", "model.safetensors", OFFICIAL_NAME]  # no leftovers
+    assert [f.name for f in files] == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        OFFICIAL_NAME,
+    ]  # no leftovers
     expected = 0o666 & ~_umask()
     assert all(f.stat().st_mode & 0o777 == expected for f in files), [oct(f.stat().st_mode) for f in files]
 
@@ -107,7 +111,7 @@ def test_load_noise_predictor_every_source(trained: tuple[Path, InvSRLitModule],
     path, module = trained
     assert main([str(path), str(tmp_path)]) == 0
     ema = torch.load(path, map_location="cpu", weights_only=True)["ema_noise_predictor"]
-    sources = [path, tmp_path, tmp_path / "model.safetensors", tmp_path / OFFICIAL_NAME]
+    sources = [path, tmp_path, tmp_path / "diffusion_pytorch_model.safetensors", tmp_path / OFFICIAL_NAME]
     for source in sources:
         model, note = load_noise_predictor(source, default=lambda: tiny_noise_predictor())
         assert all(torch.equal(model.state_dict()[k], v.float()) for k, v in ema.items()), note

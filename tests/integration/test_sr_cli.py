@@ -132,7 +132,7 @@ def test_trained_noise_predictor_folder_is_loaded(tmp_path: Path, capsys: pytest
     NoisePredictor(**TINY_NOISE_PREDICTOR).save_pretrained(tmp_path / "np")
     src = tmp_path / "a.png"
     Image.fromarray(skimage.data.coffee()[:32, :32]).save(src)
-    for weights in (tmp_path / "np", tmp_path / "np" / "model.safetensors"):
+    for weights in (tmp_path / "np", tmp_path / "np" / "diffusion_pytorch_model.safetensors"):
         code = main(
             [str(src), "-o", str(tmp_path / "out"), "--backbone", "tiny", "--noise-predictor", str(weights)]
         )

@@ -77,7 +77,7 @@ def bad_weight_files(folder: Path) -> dict[str, Path]:
     files = {"random": folder / "random.pth", "truncated": folder / "model.safetensors"}
     files["random"].write_bytes(rng.bytes(4096))
     tiny_noise_predictor(seed=0).save_pretrained(folder / "full")
-    full = (folder / "full" / "model.safetensors").read_bytes()
+    full = (folder / "full" / "diffusion_pytorch_model.safetensors").read_bytes()
     files["truncated"].write_bytes(full[: len(full) // 2])
     files["malicious"] = folder / "evil.pth"
     with open(files["malicious"], "wb") as f:

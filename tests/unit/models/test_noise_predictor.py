@@ -9,11 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from safetensors.torch import load_file, save_file
 
 from invsr_pl.models.noise_predictor import NoisePredictor
 from invsr_pl.models.tiny import TINY_NOISE_PREDICTOR, tiny_noise_predictor
 
 OFFICIAL = Path("/work/shared/reference/official_state_dicts.json")
+
+
+def _public(config) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 def small(**overrides) -> NoisePredictor:
@@ -165,16 +170,52 @@ class _Marker:
 
 
 def test_save_and_from_pretrained(tmp_path: Path) -> None:
+    """diffusers' folder layout, a strict round trip (also from a subfolder), and the file on its own."""
     src = small(scale=2, block_out_channels=(32, 32, 32), layers_per_block=(1, 2, 1))
-    folder = src.save_pretrained(tmp_path / "np")
-    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    src.save_pretrained(tmp_path / "pipe" / "np")
+    folder = tmp_path / "pipe" / "np"
+    assert {p.name for p in folder.iterdir()} == {"config.json", "diffusion_pytorch_model.safetensors"}
     config = json.loads((folder / "config.json").read_text())
     assert config["scale"] == 2 and config["block_out_channels"] == [32, 32, 32]
-    loaded = NoisePredictor.from_pretrained(folder)
+    assert config["_class_name"] == "NoisePredictor"
     lr = torch.rand(1, 3, 8, 8)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(lr, 10).mean, src(lr, 10).mean)
-    # The safetensors file also loads directly.
-    NoisePredictor(**config).load_checkpoint(folder / "model.safetensors")
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    for loaded in (
+        NoisePredictor.from_pretrained(folder),
+        NoisePredictor.from_pretrained(tmp_path / "pipe", subfolder="np"),
+    ):
+        assert _public(loaded.config) == _public(src.config)
+        with torch.no_grad():
+            assert torch.equal(loaded(lr, 10).mean, src(lr, 10).mean)
+    # The safetensors file also loads directly (strict), with the constructor arguments of config.json.
+    NoisePredictor(**config).load_checkpoint(folder / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(OSError, match="config.json"):
         NoisePredictor.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_is_strict(tmp_path: Path) -> None:
+    """diffusers would initialise a missing weight at random; ours refuses the folder in one line."""
+    small().save_pretrained(tmp_path)
+    weights = tmp_path / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    state["extra"] = state.pop("encoder.conv_in.bias")
+    save_file(state, str(weights))
+    with pytest.raises(RuntimeError, match=r"1 missing \[encoder.conv_in.bias\]; 1 unexpected \[extra\]"):
+        NoisePredictor.from_pretrained(tmp_path)
+
+
+def test_gradient_checkpointing_keeps_gradients() -> None:
+    """diffusers' mechanism (enable_gradient_checkpointing) recomputes the blocks with the same gradients."""
+    model = small()
+    lr = torch.rand(2, 3, 8, 8)
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model(lr, 10).mean.square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = grads()
+    model.enable_gradient_checkpointing()
+    assert model.is_gradient_checkpointing
+    checkpointed = grads()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, msg=name)
