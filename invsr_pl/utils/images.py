@@ -7,6 +7,13 @@ scikit-image). A 16-bit input gives ``bit_depth`` 16 and :func:`write_image` the
 Floating-point TIFFs (values in [0, 1]) are read through tifffile too and count as 16-bit. Multi-frame files
 (TIFF pages, animated GIF/WebP/PNG) are read one frame at a time (:func:`count_frames`, ``frame=``).
 Writes are atomic: a killed writer never leaves a half-written image (:mod:`invsr_pl.utils.atomic`).
+
+Size limits: :func:`probe_image` reads only the header (size, frames, alpha), and ``max_pixels`` in
+:func:`probe_image`, :func:`count_frames` and :func:`read_image` refuses an image before any pixel is decoded
+(:class:`ImageTooLargeError`), also on the tifffile/OpenCV paths that have no limit of their own. Pillow's
+own decompression-bomb refusal (above ``2 * PIL.Image.MAX_IMAGE_PIXELS``) is reported the same way, never as
+a bare ``DecompressionBombError``. torch is imported only by the functions that make or take tensors, so
+listing and probing files stays cheap (``invsr-sr --help`` and its planning step).
 """
 
 from __future__ import annotations
@@ -16,25 +23,29 @@ import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
-from torch import Tensor
 
 from invsr_pl.utils.atomic import atomic_path
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
 __all__ = [
     "resize_image",
     "IMAGE_EXTENSIONS",
+    "ImageInfo",
     "ImageReadError",
+    "ImageTooLargeError",
     "LoadedImage",
     "array_to_tensor",
     "count_frames",
     "list_images",
     "normalise_extensions",
+    "probe_image",
     "read_image",
     "tensor_to_array",
     "write_image",
@@ -50,6 +61,19 @@ _PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".bmp": "BMP", "
 
 class ImageReadError(ValueError):
     """A file could not be decoded as an image (corrupt, unsupported mode or bit depth)."""
+
+
+class ImageTooLargeError(ImageReadError):
+    """An image with more pixels than the caller's limit, or than Pillow's decompression-bomb limit."""
+
+
+class ImageInfo(NamedTuple):
+    """What :func:`probe_image` reads from a file's header, without decoding pixels."""
+
+    width: int  # of the first frame
+    height: int
+    frames: int  # TIFF pages or animation frames; 1 for ordinary images
+    has_alpha: bool  # the first frame carries an alpha channel (RGBA, LA, PA, transparent palette)
 
 
 class LoadedImage(NamedTuple):
@@ -96,6 +120,8 @@ def array_to_tensor(array: np.ndarray) -> Tensor:
 
     Integers are divided by their dtype's maximum (255 or 65535); floats are clipped to [0, 1].
     """
+    import torch
+
     if array.ndim == 2:
         array = array[:, :, None]
     if array.ndim != 3:
@@ -205,30 +231,74 @@ def _read_float_tiff(path: Path, frame: int) -> np.ndarray:
     return np.clip(array, 0.0, 1.0)
 
 
-def _tiff_pages(path: Path) -> int:
+def _tiff_info(path: Path) -> ImageInfo:
+    """Header of a TIFF that Pillow cannot open (e.g. float RGB): size and alpha of the first page."""
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        return len(tif.pages)
+        page = tif.pages[0]
+        channels = page.samplesperpixel
+        return ImageInfo(int(page.imagewidth), int(page.imagelength), len(tif.pages), channels in (2, 4))
 
 
-def count_frames(path: str | Path) -> int:
-    """Number of frames (TIFF pages, animation frames) in an image file; 1 for ordinary images.
+def _check_pixels(path: Path, width: int, height: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"{path} is {width}x{height} ({width * height / 1e6:.4g} MP), above the limit of "
+            f"{max_pixels / 1e6:g} MP"
+        )
+
+
+def _bomb(path: Path, err: Exception) -> ImageTooLargeError:
+    """Pillow's decompression-bomb refusal as a one-line, per-file error."""
+    return ImageTooLargeError(f"refused {path} as a possible decompression bomb: {err}")
+
+
+def _has_alpha(im: Image.Image) -> bool:
+    return im.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (im.mode == "P" and "transparency" in im.info)
+
+
+def probe_image(path: str | Path, max_pixels: int | None = None) -> ImageInfo:
+    """Size, frame count and alpha of an image file, from its header (no pixels are decoded).
+
+    Args:
+        max_pixels: refuse images whose first frame has more than this many pixels; None: no limit of our
+            own (Pillow's decompression-bomb limit still applies unless the caller lifted it).
 
     Raises:
+        ImageTooLargeError: above ``max_pixels``, or refused by Pillow as a decompression bomb.
         ImageReadError: the file cannot be opened as an image.
     """
     path = Path(path)
     try:
         with Image.open(path) as im:
-            return int(getattr(im, "n_frames", 1) or 1)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            width, height, alpha = im.width, im.height, _has_alpha(im)
+            _check_pixels(path, width, height, max_pixels)  # before n_frames, which walks GIF frames
+            return ImageInfo(width, height, int(getattr(im, "n_frames", 1) or 1), alpha)
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise _bomb(path, err) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
         if path.suffix.lower() in (".tif", ".tiff"):  # e.g. float RGB TIFFs, which Pillow cannot open
             try:
-                return _tiff_pages(path)
+                info = _tiff_info(path)
             except Exception:  # noqa: BLE001 - report Pillow's reason below
                 pass
+            else:
+                _check_pixels(path, info.width, info.height, max_pixels)
+                return info
         raise ImageReadError(f"cannot read image {path}: {err}") from err
+
+
+def count_frames(path: str | Path, max_pixels: int | None = None) -> int:
+    """Number of frames (TIFF pages, animation frames) in an image file; 1 for ordinary images.
+
+    Raises:
+        ImageTooLargeError: above ``max_pixels`` (see :func:`probe_image`) or a decompression bomb.
+        ImageReadError: the file cannot be opened as an image.
+    """
+    return probe_image(path, max_pixels).frames
 
 
 def _to_srgb(im: Image.Image) -> Image.Image:
@@ -244,7 +314,7 @@ def _to_srgb(im: Image.Image) -> Image.Image:
         return im  # a broken profile: keep the pixels as they are
 
 
-def read_image(path: str | Path, frame: int = 0) -> LoadedImage:
+def read_image(path: str | Path, frame: int = 0, max_pixels: int | None = None) -> LoadedImage:
     """Read an image file into ``(image (3, H, W), alpha (1, H, W) | None, bit_depth)``, float32 in [0, 1].
 
     Handles png/jpg/jpeg/bmp/webp/tif/tiff; RGB, grayscale (replicated to 3 channels), palette, gray+alpha and
@@ -254,18 +324,28 @@ def read_image(path: str | Path, frame: int = 0) -> LoadedImage:
 
     Args:
         frame: 0-based frame of a multi-frame file (TIFF page, animation frame); see :func:`count_frames`.
+        max_pixels: refuse a frame with more pixels than this, checked from the header before decoding;
+            None: no limit of our own (see :func:`probe_image`).
 
     Raises:
+        ImageTooLargeError: above ``max_pixels``, or refused by Pillow as a decompression bomb.
         ImageReadError: the file cannot be decoded, has no such frame, or has an unsupported pixel format.
     """
     path = Path(path)
     try:
-        array, bit_depth = _read_array(path, frame)
+        array, bit_depth = _read_array(path, frame, max_pixels)
     except ImageReadError:
         raise
+    except Image.DecompressionBombError as err:
+        raise _bomb(path, err) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
         if path.suffix.lower() in (".tif", ".tiff") and "cannot identify" in str(err):
             try:  # float RGB TIFFs: Pillow cannot open them, tifffile can
+                info = _tiff_info(path)
+            except Exception:  # noqa: BLE001 - report Pillow's reason
+                raise ImageReadError(f"cannot read image {path}: {err}") from err
+            _check_pixels(path, info.width, info.height, max_pixels)
+            try:
                 array, bit_depth = _read_float_tiff(path, frame), 16
             except ImageReadError:
                 raise
@@ -282,14 +362,16 @@ def read_image(path: str | Path, frame: int = 0) -> LoadedImage:
     return LoadedImage(array_to_tensor(color), None if alpha is None else array_to_tensor(alpha), bit_depth)
 
 
-def _read_array(path: Path, frame: int) -> tuple[np.ndarray, int]:
+def _read_array(path: Path, frame: int, max_pixels: int | None) -> tuple[np.ndarray, int]:
     """(H, W, C) pixels of ``frame`` (uint8, uint16 or float32 in [0, 1]) and the file's bit depth."""
     with Image.open(path) as im:
+        _check_pixels(path, im.width, im.height, max_pixels)
         frames = int(getattr(im, "n_frames", 1) or 1)
         if not 0 <= frame < frames:
             raise ImageReadError(f"{path} has {frames} frame(s), no frame {frame}")
         if frame:
             im.seek(frame)
+            _check_pixels(path, im.width, im.height, max_pixels)  # TIFF pages may differ in size
         orientation = int(im.getexif().get(_EXIF_ORIENTATION, 1))
         if _is_float_tiff(im):
             return _orient(_read_float_tiff(path, frame), orientation), 16
@@ -330,6 +412,8 @@ def write_image(path: str | Path, image: Tensor, alpha: Tensor | None = None, bi
         raise ValueError(f"unsupported output suffix {suffix!r}; use one of {', '.join(IMAGE_EXTENSIONS)}")
     if alpha is not None and suffix in (".jpg", ".jpeg", ".bmp"):
         raise ValueError(f"{suffix} cannot store an alpha channel; write .png, .webp or .tif instead")
+    import torch
+
     data = image if alpha is None else torch.cat([image.float(), alpha.float()], dim=0)
     array = tensor_to_array(data, bit_depth)
     if bit_depth == 16 and suffix not in (".png", ".tif", ".tiff"):
@@ -358,6 +442,8 @@ def resize_image(image: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
 
     Used for what is not super-resolved (alpha channels, the before/after reference, ``--outscale``).
     """
+    import torch.nn.functional as F  # noqa: N812 - the usual name
+
     size = (int(size[0]), int(size[1]))
     if tuple(image.shape[-2:]) == size:
         return image

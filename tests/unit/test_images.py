@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +15,11 @@ from PIL import Image, ImageOps
 
 from invsr_pl.utils.images import (
     ImageReadError,
+    ImageTooLargeError,
     array_to_tensor,
+    count_frames,
     list_images,
+    probe_image,
     read_image,
     tensor_to_array,
     write_image,
@@ -181,3 +186,57 @@ def test_write_is_atomic(tmp_path: Path, coffee: np.ndarray, monkeypatch: pytest
     with pytest.raises(KeyboardInterrupt):
         write_image(path, torch.zeros(3, 48, 64))
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["out.png"]
+
+
+# ---------------------------------------------------------------------------------------------- size limits
+def test_probe_reads_the_header_only(tmp_path: Path, coffee: np.ndarray) -> None:
+    Image.fromarray(coffee).save(tmp_path / "rgb.jpg")
+    Image.fromarray(np.dstack([coffee, coffee[..., :1]])).save(tmp_path / "rgba.png")
+    tifffile.imwrite(tmp_path / "float.tif", np.zeros((20, 30, 3), np.float32))  # Pillow cannot open it
+    assert tuple(probe_image(tmp_path / "rgb.jpg")) == (64, 48, 1, False)
+    assert tuple(probe_image(tmp_path / "rgba.png")) == (64, 48, 1, True)
+    assert tuple(probe_image(tmp_path / "float.tif")) == (30, 20, 1, False)
+
+
+@pytest.mark.parametrize("name", ["rgb.png", "deep.tif", "float.tif"])
+def test_pixel_limit_refuses_before_decoding(tmp_path: Path, coffee: np.ndarray, name: str) -> None:
+    """Every read path (Pillow, tifffile for 16-bit and float TIFFs) honours ``max_pixels``."""
+    path = tmp_path / name
+    if name == "rgb.png":
+        Image.fromarray(coffee).save(path)
+    elif name == "deep.tif":
+        tifffile.imwrite(path, coffee.astype(np.uint16) * 257)
+    else:
+        tifffile.imwrite(path, coffee.astype(np.float32) / 255)
+    for refuse in (
+        lambda: probe_image(path, max_pixels=64 * 48 - 1),
+        lambda: count_frames(path, max_pixels=64 * 48 - 1),
+        lambda: read_image(path, max_pixels=64 * 48 - 1),
+    ):
+        with pytest.raises(
+            ImageTooLargeError, match=r"64x48 \(0\.003072 MP\), above the limit of 0\.003071 MP"
+        ):
+            refuse()
+    assert read_image(path, max_pixels=64 * 48).image.shape == (3, 48, 64)  # the limit itself is allowed
+
+
+def test_decompression_bomb_is_an_image_read_error(
+    tmp_path: Path, coffee: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pillow's DecompressionBombError (here at a lowered limit) reaches callers as a one-line
+    ImageTooLargeError, which is an ImageReadError: batch loops that skip bad files skip it too."""
+    Image.fromarray(coffee).save(tmp_path / "a.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 3072 pixels > 2 * 1000: a "bomb"
+    for call in (probe_image, count_frames, read_image):
+        with pytest.raises(ImageReadError, match="decompression bomb") as info:
+            call(tmp_path / "a.png")
+        assert isinstance(info.value, ImageTooLargeError) and "\n" not in str(info.value)
+
+
+def test_listing_and_probing_do_not_import_torch() -> None:
+    """``invsr-sr --help`` and its planning step stay fast: torch loads only for tensors."""
+    code = (
+        "import sys; from invsr_pl.utils import images; assert 'torch' not in sys.modules; "
+        "images.array_to_tensor(images.np.zeros((2, 2), images.np.uint8)); assert 'torch' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
