@@ -7,7 +7,10 @@ Examples::
     invsr-demo --backbone /models/sd-turbo --noise-predictor runs/x/np --host 0.0.0.0 --compile
 
 The models are loaded once at start; the page has a single-image view (also the ``/upscale`` API endpoint for
-``gradio_client``) and a batch view. Jobs queue and run one at a time by default (``--concurrency``).
+``gradio_client``) and a batch view. Jobs queue and run one at a time by default (``--concurrency``). Each
+image's work is bounded (``--max-steps``, ``--max-patches``, ``--max-work``; defaults follow
+``--max-megapixels``) and refused in one line before any work; a job stops when its caller disconnects or
+after ``--max-job-seconds``.
 Exit codes: 0 server stopped normally, 2 bad arguments, models that cannot be loaded, or a port in use.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import logging
 import signal
 import sys
 import threading
@@ -46,6 +50,27 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-megapixels", type=float, default=4.0, help="largest input image, in MP")
     server.add_argument("--max-upload-mb", type=int, default=50, help="largest upload, in MB")
     server.add_argument("--max-batch-files", type=int, default=50, help="most files in one batch")
+    budget = p.add_argument_group("per-request budget (docs: README 'Web demo')")
+    budget.add_argument("--max-steps", type=int, default=None, help="most timesteps per image (default 10)")
+    budget.add_argument(
+        "--max-patches",
+        type=int,
+        default=None,
+        help="most chopping patches per image (default 256 per MP of --max-megapixels)",
+    )
+    budget.add_argument(
+        "--max-work",
+        type=float,
+        default=None,
+        help="most work per image in megapixel-steps, patch pixels x steps (default 21 per MP of "
+        "--max-megapixels: the 5-step schedule at the size limit)",
+    )
+    budget.add_argument(
+        "--max-job-seconds",
+        type=float,
+        default=300.0,
+        help="wall-clock limit of one job (image or batch); it is stopped and reported; 0: no limit",
+    )
     return p
 
 
@@ -54,10 +79,27 @@ def _check(args: argparse.Namespace) -> None:
     for name in positive:
         if getattr(args, name) < 1:
             raise SetupError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.max_megapixels <= 0:
-        raise SetupError(f"--max-megapixels must be > 0, got {args.max_megapixels}")
+    for name in ("max_steps", "max_patches"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise SetupError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_megapixels", "max_work"):
+        value = getattr(args, name)
+        if value is not None and not 0 < value < float("inf"):
+            raise SetupError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    if not 0 <= args.max_job_seconds < float("inf"):
+        raise SetupError(f"--max-job-seconds must be >= 0 (0: no limit), got {args.max_job_seconds}")
     if not 0 < args.port < 65536:
         raise SetupError(f"--port must be in 1..65535, got {args.port}")
+
+
+def _log_jobs() -> None:
+    """Stopped, cancelled and failed jobs (logger ``invsr_pl.demo``) as ``invsr-demo:`` lines on stderr."""
+    logger = logging.getLogger("invsr_pl.demo")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("invsr-demo: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -90,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             weights_name=str(args.noise_predictor) if args.noise_predictor else "random tiny (smoke mode)",
             chopping_batch=args.chopping_batch,
             max_megapixels=args.max_megapixels,
+            max_steps=args.max_steps,
+            max_patches=args.max_patches,
+            max_work=args.max_work,
+            max_job_seconds=args.max_job_seconds or None,
         )
     except SetupError as err:
         print(f"invsr-demo: error: {err}", file=sys.stderr)
@@ -99,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         file=sys.stderr,
     )
     print(f"invsr-demo: results are kept for an hour under {upscaler.workdir}", file=sys.stderr)
+    print(f"invsr-demo: {upscaler.describe_limits()}", file=sys.stderr)
+    _log_jobs()
     if smoke:
         print("invsr-demo: smoke mode: tiny networks; the outputs only prove the path runs", file=sys.stderr)
     host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host

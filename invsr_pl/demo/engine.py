@@ -1,7 +1,10 @@
 """The demo's engine: models loaded once, one request's settings, image files in, exact PNG files out.
 
 No web framework here: the page (``invsr_pl.demo.app``) only turns form values into :class:`Settings`, calls
-:meth:`Upscaler.upscale_file` / :meth:`Upscaler.upscale_batch` and shows what they return. Every image goes
+:meth:`Upscaler.upscale_file` / :meth:`Upscaler.upscale_batch` and shows what they return. Every request is
+costed from the image header and its settings and refused in one line when it exceeds the
+:class:`~invsr_pl.demo.budget.RequestBudget`, before any pixel is decoded; a running job obeys a
+:class:`~invsr_pl.demo.stopping.StopSwitch` (cancel, ``max_job_seconds``). Every image goes
 through :class:`~invsr_pl.sampling.sampler.InvSRSampler` exactly as in ``invsr-sr``: read with
 ``read_image`` (EXIF orientation, ICC to sRGB, alpha and 16-bit kept), one generator per image seeded with the
 request's seed, alpha upscaled with plain bicubic and re-attached, written with ``write_image`` at the input's
@@ -10,6 +13,7 @@ bit depth (docs/sampling.md).
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import time
@@ -24,6 +28,9 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from invsr_pl.cli.sr import DEFAULT_SEED
+from invsr_pl.demo.budget import RequestBudget, RequestCost, request_cost
+from invsr_pl.demo.errors import RequestError, visitor_message
+from invsr_pl.demo.stopping import JobCancelled, JobTimeout, NetworkStops, StopSwitch
 from invsr_pl.models import timesteps as ts
 from invsr_pl.sampling.color_fix import COLOR_FIX_METHODS
 from invsr_pl.sampling.oom import OutOfMemoryFallbackError, sample_with_fallback
@@ -31,14 +38,33 @@ from invsr_pl.sampling.sampler import InvSRSampler
 from invsr_pl.utils.atomic import atomic_write
 from invsr_pl.utils.images import ImageReadError, read_image, resize_image, write_image
 
-__all__ = ["BatchResult", "RequestError", "Result", "Settings", "Upscaler"]
+__all__ = ["SEED_MAX", "BatchResult", "RequestError", "Result", "Settings", "Upscaler"]
 
 _REQUEST_PREFIX = "req-"  # request folders under the work folder (pruned after keep_seconds)
+# torch.Generator.manual_seed takes seeds up to 2**64 - 1 (and wraps negatives); beyond that it overflows
+SEED_MAX = 2**64 - 1
 
 
-class RequestError(ValueError):
-    """A request the demo cannot serve (bad settings, unreadable or too large image, out of memory); the
-    message is one line for the visitor."""
+def _whole(name: str, value: object, low: int, high: int) -> int:
+    """``value`` (an int, a float holding one, or such text: what a form or API caller sends) as an int in
+    ``[low, high]``; :class:`RequestError` otherwise (never an overflow)."""
+    number = value
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            number = int(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                number = None
+    if isinstance(number, float) and math.isfinite(number) and number.is_integer():
+        number = int(number)
+    if isinstance(number, bool) or not isinstance(number, int):
+        raise RequestError(f"{name} must be a whole number, got {value!r}")
+    if not low <= number <= high:
+        raise RequestError(f"{name} must be a whole number from {low} to {high}, got {value!r}")
+    return number
 
 
 @dataclass(frozen=True)
@@ -50,7 +76,7 @@ class Settings:
         timesteps: explicit strictly descending user timesteps (e.g. ``(200, 100)``); override ``steps``.
         chopping_size: LR patch size, a multiple of the sampler's modulus; 0: the whole image in one pass.
         color_fix: one of ``COLOR_FIX_METHODS``.
-        seed: seed of each image's noise draws (equal seeds give equal outputs).
+        seed: seed of each image's noise draws (equal seeds give equal outputs), 0 to :data:`SEED_MAX`.
     """
 
     steps: int = 1
@@ -70,26 +96,33 @@ class Settings:
     ) -> Settings:
         """Settings from the page's (or an API caller's) raw values; :class:`RequestError` on bad ones.
 
-        ``timesteps`` is text such as ``"200, 100"``; empty means "use ``steps``".
+        ``timesteps`` is text such as ``"200, 100"``; empty means "use ``steps``". Values arrive as the
+        caller sent them (the API takes any JSON), so every type and range is checked here.
         """
+        if timesteps is not None and not isinstance(timesteps, str):
+            raise RequestError(f"timesteps must be text such as 200,100, got {timesteps!r}")
         text = (timesteps or "").replace(" ", "")
         parsed: tuple[int, ...] | None = None
         if text:
+            if text.count(",") >= ts.NUM_TRAIN_TIMESTEPS:  # before parsing a huge text
+                raise RequestError(
+                    f"timesteps: {text.count(',') + 1} values given; there are only {ts.NUM_TRAIN_TIMESTEPS}"
+                )
             try:
                 parsed = tuple(ts.validate_timesteps([int(v) for v in text.split(",") if v]))
             except ValueError as err:
-                raise RequestError(f"timesteps {timesteps!r}: {err} (expected e.g. 200,100)") from err
-        for name, value in (("steps", steps), ("chopping size", chopping_size), ("seed", seed)):
-            if value is None or float(value) != int(value):
-                raise RequestError(f"{name} must be a whole number, got {value!r}")
-        if not 1 <= int(steps) <= 5 and parsed is None:
-            raise RequestError(f"steps must be between 1 and 5, got {int(steps)}")
-        if int(chopping_size) < 0:
-            raise RequestError(f"chopping size must be >= 0, got {int(chopping_size)}")
+                shown = timesteps if len(timesteps) <= 40 else timesteps[:37] + "..."
+                raise RequestError(f"timesteps {shown!r}: {err} (expected e.g. 200,100)") from err
+        if parsed is None:
+            steps = _whole("steps", steps, 1, 5)
+        else:  # ignored, but still a number
+            steps = _whole("steps", steps, 0, ts.NUM_TRAIN_TIMESTEPS)
+        chopping_size = _whole("chopping size", chopping_size, 0, 2**31 - 1)
+        seed = _whole("seed", seed, 0, SEED_MAX)
         color_fix = color_fix or "none"
-        if color_fix not in COLOR_FIX_METHODS:
+        if not isinstance(color_fix, str) or color_fix not in COLOR_FIX_METHODS:
             raise RequestError(f"colour fix must be one of {', '.join(COLOR_FIX_METHODS)}, got {color_fix!r}")
-        return cls(int(steps), parsed, int(chopping_size), color_fix, int(seed))
+        return cls(steps, parsed, chopping_size, color_fix, seed)
 
 
 @dataclass(frozen=True)
@@ -159,6 +192,10 @@ class Upscaler:
         backbone_name / weights_name: what the page states as the backbone and noise-predictor weights.
         chopping_batch: patches per network call.
         max_megapixels: largest input accepted (width x height / 1e6), checked before decoding.
+        max_steps / max_patches / max_work: the per-image budget (:class:`RequestBudget`); None: the
+            default for ``max_megapixels`` (:meth:`RequestBudget.for_size_limit`).
+        max_job_seconds: wall-clock limit of one job (a single image or a whole batch); a job past it is
+            stopped at its next network call and reported; None: no limit.
         preview_max_side: longest side of the slider previews; the download is always full size.
         workdir: folder for outputs (a fresh temporary folder by default, removed by :meth:`close`).
         keep_seconds: request folders older than this are removed when a new request starts.
@@ -175,12 +212,18 @@ class Upscaler:
         weights_name: str = "",
         chopping_batch: int = 8,
         max_megapixels: float = 4.0,
+        max_steps: int | None = None,
+        max_patches: int | None = None,
+        max_work: float | None = None,
+        max_job_seconds: float | None = 300.0,
         preview_max_side: int = 2048,
         workdir: str | Path | None = None,
         keep_seconds: float = 3600.0,
     ) -> None:
         if max_megapixels <= 0 or preview_max_side < 1 or chopping_batch < 1:
             raise ValueError("max_megapixels must be > 0, preview_max_side and chopping_batch >= 1")
+        if max_job_seconds is not None and not max_job_seconds > 0:
+            raise ValueError(f"max_job_seconds must be > 0 or None, got {max_job_seconds}")
         self.backbone = backbone
         self.noise_predictor = noise_predictor
         self.device = torch.device(device)
@@ -189,6 +232,8 @@ class Upscaler:
         self.weights_name = weights_name
         self.chopping_batch = chopping_batch
         self.max_megapixels = max_megapixels
+        self.budget = RequestBudget.for_size_limit(max_megapixels, max_steps, max_patches, max_work)
+        self.max_job_seconds = max_job_seconds
         self.preview_max_side = preview_max_side
         self._own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="invsr-demo-") if workdir is None else workdir)
@@ -197,6 +242,7 @@ class Upscaler:
         probe = InvSRSampler(backbone, noise_predictor, chopping_size=None)
         self.scale: int = probe.scale
         self.modulus: int = probe.modulus  # chopping sizes must be multiples of it
+        self._stops = NetworkStops(backbone, noise_predictor)  # jobs stop at their next network call
 
     # ------------------------------------------------------------------ page facts
 
@@ -217,6 +263,15 @@ class Upscaler:
             )
         return "\n\n".join(lines)
 
+    def describe_limits(self) -> str:
+        """One line stating the size limit, the per-image budget and the job time limit."""
+        b = self.budget
+        limit = f"; a job stops after {self.max_job_seconds:g} s" if self.max_job_seconds else ""
+        return (
+            f"Inputs up to {self.max_megapixels:g} MP; per image at most {b.max_steps} timesteps, "
+            f"{b.max_patches} patches and {b.max_work:g} megapixel-steps of work{limit}."
+        )
+
     # ------------------------------------------------------------------ requests
 
     def sampler(self, settings: Settings) -> InvSRSampler:
@@ -234,6 +289,23 @@ class Upscaler:
         except ValueError as err:
             raise RequestError(str(err)) from err
 
+    def new_switch(self) -> StopSwitch:
+        """A :class:`StopSwitch` for one job with this demo's time limit (its clock starts now)."""
+        return StopSwitch(self.max_job_seconds)
+
+    def cost(self, size: tuple[int, int], sampler: InvSRSampler) -> RequestCost:
+        """The cost of one ``(width, height)`` image with the request's sampler settings."""
+        return request_cost(*size, len(sampler.timesteps), sampler.chopping_size, self.modulus)
+
+    def check_request(self, path: str | Path, sampler: InvSRSampler) -> tuple[int, int]:
+        """(width, height) of an image file from its header, when the file is an image within the size
+        limit and its cost within the budget; :class:`RequestError` in one line otherwise. No decoding."""
+        size = self.check_size(path)
+        refusal = self.budget.refusal(self.cost(size, sampler))
+        if refusal is not None:
+            raise RequestError(f"{Path(path).name}: {refusal}")
+        return size
+
     def check_size(self, path: str | Path) -> tuple[int, int]:
         """(width, height) of an image file from its header, before any decoding; :class:`RequestError`
         when the file is not an image or is larger than ``max_megapixels``."""
@@ -243,7 +315,7 @@ class Upscaler:
                 width, height = im.size
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             # Pillow's "cannot identify image file '<server path>'" says nothing the first part does not
-            detail = "" if isinstance(err, UnidentifiedImageError) else f": {err}"
+            detail = "" if isinstance(err, UnidentifiedImageError) else f": {visitor_message(str(err))}"
             raise RequestError(f"{name} is not a readable image (png, jpg, bmp, webp, tif){detail}") from err
         megapixels = width * height / 1e6
         if megapixels > self.max_megapixels:
@@ -269,20 +341,28 @@ class Upscaler:
         settings: Settings,
         out_path: str | Path | None = None,
         previews: bool = True,
+        stop: StopSwitch | None = None,
     ) -> Result:
         """Super-resolve one image file into an exact PNG (``out_path`` or ``<new dir>/<stem>_x<s>.png``).
 
+        Args:
+            stop: the job's switch (cancel, time limit); default: a fresh :meth:`new_switch`.
+
         Raises:
-            RequestError: bad settings, not an image, too large, or out of memory.
+            RequestError: bad settings, not an image, too large, over budget, or out of memory; its
+                subclasses :class:`~invsr_pl.demo.stopping.JobCancelled` / ``JobTimeout`` when ``stop``
+                stopped the job. Messages are one line without server paths.
         """
         start = time.perf_counter()
+        stop = self.new_switch() if stop is None else stop
         path = Path(path)
         sampler = self.sampler(settings)
-        self.check_size(path)
+        self.check_request(path, sampler)  # header only: nothing decoded for a refused request
         try:
-            image, alpha, bit_depth = read_image(path)
+            with self._stops.watching(stop):
+                image, alpha, bit_depth = read_image(path)
         except ImageReadError as err:
-            raise RequestError(f"{path.name}: {err}") from err
+            raise RequestError(visitor_message(str(err))) from err  # "cannot read image <name>: why"
         if out_path is None:
             out_path = self.new_request_dir() / f"{path.stem}_x{self.scale}.png"
         out_path = Path(out_path)
@@ -290,9 +370,10 @@ class Upscaler:
         requested = (sampler.chopping_size, sampler.chopping_batch)
         try:
             # invsr-sr's fallback: on CUDA OOM halve the chopping batch, then the chopping size, and retry
-            sr = sample_with_fallback(sampler, image[None], generator)[0]  # (3, s*h, s*w) in [0, 1]
+            with self._stops.watching(stop):
+                sr = sample_with_fallback(sampler, image[None], generator)[0]  # (3, s*h, s*w) in [0, 1]
         except OutOfMemoryFallbackError as err:
-            raise RequestError(f"{path.name}: {err}") from err
+            raise RequestError(f"{path.name}: {visitor_message(str(err))}") from err
         memory_note = ""
         if (sampler.chopping_size, sampler.chopping_batch) != requested:
             chop = sampler.chopping_size or "none"
@@ -323,35 +404,60 @@ class Upscaler:
         paths: Sequence[str | Path],
         settings: Settings,
         progress: Callable[[int, int, str], None] | None = None,
+        stop: StopSwitch | None = None,
     ) -> BatchResult:
         """Super-resolve several files; each failure is recorded with its reason and the rest go on.
 
-        ``progress(i, n, name)`` is called before file ``i`` (0-based) of ``n``. The PNGs are zipped as
-        ``<stem>.png`` (``<stem>_2.png`` ... for repeated stems) into ``invsr_x<scale>_results.zip``.
+        Every file is checked first (header, size, budget: no decoding), so unreadable and over-budget
+        files are listed before any work. ``progress(i, n, name)`` is called before file ``i`` (0-based)
+        of the ``n`` that passed. The PNGs are zipped as ``<stem>.png`` (``<stem>_2.png`` ... for repeated
+        stems) into ``invsr_x<scale>_results.zip``. ``stop`` (default: a fresh :meth:`new_switch`) covers the
+        whole batch: past the time limit the running file and the rest are listed as failed and what was
+        written is zipped.
+
+        Raises:
+            RequestError: bad settings (for the whole batch, once).
+            JobCancelled: the caller went away (nothing is zipped).
         """
         start = time.perf_counter()
-        self.sampler(settings)  # bad settings fail the whole batch at once, not once per file
+        stop = self.new_switch() if stop is None else stop
+        sampler = self.sampler(settings)  # bad settings fail the whole batch at once, not once per file
+        result = BatchResult(zip_path=None)
+        todo: list[Path] = []
+        for path in map(Path, paths):
+            try:
+                self.check_request(path, sampler)
+                todo.append(path)
+            except RequestError as err:
+                result.failed.append((path.name, str(err)))
         request_dir = self.new_request_dir()
         out_dir = request_dir / "results"
         out_dir.mkdir()
-        result = BatchResult(zip_path=None)
         names: set[str] = set()
-        for i, path in enumerate(paths):
-            path = Path(path)
+        for i, path in enumerate(todo):
             if progress is not None:
-                progress(i, len(paths), path.name)
+                progress(i, len(todo), path.name)
             name, n = f"{path.stem}.png", 1
             while name in names:
                 n += 1
                 name = f"{path.stem}_{n}.png"
             try:
-                result.written.append(self.upscale_file(path, settings, out_dir / name, previews=False))
+                result.written.append(
+                    self.upscale_file(path, settings, out_dir / name, previews=False, stop=stop)
+                )
                 names.add(name)
+            except JobCancelled:
+                raise
+            except JobTimeout as err:  # the batch's time is spent: the rest are not started
+                result.failed.append((path.name, str(err)))
+                skipped = "not started: the job's time limit was reached"
+                result.failed += [(p.name, skipped) for p in todo[i + 1 :]]
+                break
             except RequestError as err:
                 result.failed.append((path.name, str(err)))
             except Exception as err:  # noqa: BLE001 - one bad image must not stop the others; reported
-                first_line = str(err).splitlines()[0] if str(err) else ""
-                result.failed.append((path.name, f"{type(err).__name__}: {first_line}".rstrip(": ")))
+                message = visitor_message(str(err))
+                result.failed.append((path.name, f"{type(err).__name__}: {message}".rstrip(": ")))
         if result.written:
             result.zip_path = request_dir / f"invsr_x{self.scale}_results.zip"
             # never a half-written zip under its name; PNGs are compressed already
@@ -362,7 +468,8 @@ class Upscaler:
         return result
 
     def close(self) -> None:
-        """Remove the work folder if this instance created it."""
+        """Remove the stop hooks from the networks, and the work folder if this instance created it."""
+        self._stops.close()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

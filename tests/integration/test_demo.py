@@ -67,8 +67,8 @@ def test_settings_from_form_parses_and_refuses() -> None:
     for bad, match in [
         (dict(timesteps="200,abc"), "timesteps"),
         (dict(timesteps="100,200"), "timesteps"),  # must descend
-        (dict(steps=6), "between 1 and 5"),
-        (dict(chopping_size=-16), ">= 0"),
+        (dict(steps=6), "from 1 to 5"),
+        (dict(chopping_size=-16), "from 0 to"),
         (dict(seed=1.5), "whole number"),
         (dict(color_fix="sepia"), "colour fix"),
     ]:
@@ -148,7 +148,8 @@ def test_batch_zips_results_and_lists_failures(upscaler: Upscaler, tmp_path: Pat
     write_image(files[3], _gradient(12, 8, 3))
     seen: list[tuple[int, int, str]] = []
     result = upscaler.upscale_batch(files, Settings(chopping_size=0), progress=lambda *a: seen.append(a))
-    assert seen == [(0, 4, "a.png"), (1, 4, "a.png"), (2, 4, "broken.png"), (3, 4, "b.bmp")]
+    # every file's header is checked first: the broken one is listed before any work and never runs
+    assert seen == [(0, 3, "a.png"), (1, 3, "a.png"), (2, 3, "b.bmp")]
     assert [name for name, _ in result.failed] == ["broken.png"]
     assert "not a readable image" in result.failed[0][1]
     with zipfile.ZipFile(result.zip_path) as zf:
