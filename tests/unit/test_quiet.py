@@ -1,0 +1,166 @@
+"""Quiet by default (invsr_pl/utils/quiet.py): the real emitters' chatter is gone, and comes back verbose."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning.pytorch as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.model_summary import summarize
+
+from invsr_pl.utils import quiet
+
+# where Lightning's and pyiqa's records end up (each logger's records also reach these parents)
+_PARENTS = ("lightning.pytorch", "lightning.fabric", "lightning_utilities", "pyiqa")
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@contextlib.contextmanager
+def _captured() -> Iterator[_Lines]:
+    """Every record logged below :data:`_PARENTS` at INFO or above while the block runs."""
+    handler = _Lines()
+    loggers = [logging.getLogger(name) for name in _PARENTS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        yield handler
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+
+
+@pytest.fixture
+def quiet_mode(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.delenv(quiet.VERBOSE_ENV, raising=False)
+    quiet.quiet_dependencies()
+    yield
+    quiet.quiet_dependencies()  # as the package import leaves it
+
+
+class _Tiny(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(2, 1)
+        self.frozen = torch.nn.Linear(1, 1).requires_grad_(False)
+
+
+def _trainer_and_summary(tmp_path: Path) -> None:
+    """What ``train.py`` emits at start: the Trainer (Lightning's tips) and the model summary table."""
+    L.Trainer(
+        logger=CSVLogger(tmp_path),
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    model = _Tiny()
+    info = summarize(model, max_depth=1)
+    ModelSummary.summarize(
+        info._get_summary_data(),
+        info.total_parameters,
+        info.trainable_parameters,
+        info.model_size,
+        info.total_training_modes,
+        total_flops=info.total_flops,
+    )
+
+
+def test_lightning_tips_and_zero_flops_are_dropped(quiet_mode, tmp_path: Path) -> None:
+    with _captured() as out:
+        _trainer_and_summary(tmp_path)
+    assert "💡 Tip" not in out.text and "litlogger" not in out.text
+    assert "FLOPs" not in out.text and "Total Flops" not in out.text
+    # the rest of the summary stays, column-aligned: every table row has the same cells
+    rows = [line for line in out.text.splitlines() if " | " in line]
+    assert rows[0].split(" | ")[1].strip() == "Name" and "Mode" in rows[0]
+    assert {len(r.split(" | ")) for r in rows} == {5} and any(" net " in r for r in rows), out.text
+    assert "Trainable params" in out.text and "Modules in eval mode" in out.text
+
+
+def test_verbose_brings_everything_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(quiet.VERBOSE_ENV, "1")
+    try:
+        assert quiet.quiet_dependencies() is True and not quiet.is_quiet()
+        with _captured() as out:
+            _trainer_and_summary(tmp_path)
+    finally:
+        monkeypatch.delenv(quiet.VERBOSE_ENV)
+        quiet.quiet_dependencies()
+    assert "💡 Tip" in out.text and "FLOPs" in out.text and "Total Flops" in out.text
+    assert quiet.quiet_dependencies(verbose=True) is True and not quiet.is_quiet()  # the --verbose flag
+    assert quiet.quiet_dependencies() is False and quiet.is_quiet()
+
+
+@pytest.mark.parametrize(("value", "verbose"), [("", False), ("0", False), ("off", False), ("1", True)])
+def test_env_values(monkeypatch: pytest.MonkeyPatch, value: str, verbose: bool) -> None:
+    monkeypatch.setenv(quiet.VERBOSE_ENV, value)
+    assert quiet.env_verbose() is verbose
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pyiqa") is None, reason="pyiqa not installed")
+def test_pyiqa_network_lines_are_dropped(
+    quiet_mode, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import pyiqa
+    from pyiqa.archs.arch_util import load_pretrained_network
+
+    with _captured() as out:
+        pyiqa.create_metric("psnr", device="cpu")
+    assert "is created" not in out.text
+    quiet.quiet_dependencies(verbose=True)
+    with _captured() as out:
+        pyiqa.create_metric("psnr", device="cpu")
+    assert "Network [" in out.text  # the line the quiet mode dropped
+    quiet.quiet_dependencies()
+
+    net = torch.nn.Linear(1, 1)
+    weights = tmp_path / "net.pth"
+    torch.save(net.state_dict(), weights)
+    with quiet.library_prints():
+        load_pretrained_network(net, str(weights))
+    assert "Loading pretrained model" not in capsys.readouterr().out
+    quiet.quiet_dependencies(verbose=True)
+    with quiet.library_prints():
+        load_pretrained_network(net, str(weights))
+    assert "Loading pretrained model" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")
+def test_bitsandbytes_kernel_warning_is_dropped_at_import() -> None:
+    """A fresh process: the warning is logged while bitsandbytes is imported (by diffusers, by pyiqa)."""
+
+    def stderr(verbose: str) -> str:
+        env = {**os.environ, quiet.VERBOSE_ENV: verbose}
+        code = "import invsr_pl, bitsandbytes"
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stderr
+
+    loud = stderr("1")
+    if "kernels-community" not in loud:
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not warn here")
+    assert "kernels-community" not in stderr("")
