@@ -69,8 +69,9 @@ class InvSREvaluation(L.LightningModule):
             loaded by :func:`invsr_pl.models.loading.load_noise_predictor`.
         use_ema: ``.ckpt`` only: the EMA weights (if present) instead of the module's.
         sampler: ``InvSRSampler`` keyword arguments (``chopping_size``, ``chopping_batch``, ``color_fix``).
-        benchmarks: test-set name -> ``{color_fix, fid_reference_dir}``; a ``color_fix`` there wins over
-            ``sampler.color_fix``; ``fid_reference_dir`` is the real-image folder FID uses on sets without GT.
+        benchmarks: test-set name -> ``{color_fix, fid_reference_dir, name}``; a ``color_fix`` there wins over
+            ``sampler.color_fix``; ``fid_reference_dir`` is the real-image folder FID uses on sets without GT;
+            ``name`` is what the tables, image folders and logged keys call the set (default: its key).
         bicubic: add the bicubic upsampling of the LQ as a row of every set (scored the same way).
         seed: base of the per-image SR generator (:func:`invsr_pl.evaluation.sr_generator`).
         warmup: untimed SR calls per method on each rank's first batch (CUDA context, cuDNN autotune).
@@ -118,7 +119,8 @@ class InvSREvaluation(L.LightningModule):
         self.test_metrics = nn.ModuleDict()  # set name -> method position -> column -> ImageQualityMetric
         self.output_dir = Path(output_dir)
         self.results: dict[str, Any] = {}
-        self.failures: dict[str, str] = {}  # "<metric> (<set>/<method>)" -> images it failed on (exit code 1)
+        # "<metric> (<set>/<method>)" -> images it failed on, "<set>" -> why nothing was scored (exit code 1)
+        self.failures: dict[str, str] = {}
         self._rows: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ set-up
@@ -134,6 +136,9 @@ class InvSREvaluation(L.LightningModule):
     def on_test_start(self) -> None:
         self._rows = []
         self.test_metrics = nn.ModuleDict()
+        shown = [self._shown(n) for n in self._test_names()]
+        if len(set(shown)) != len(shown):
+            raise ValueError(f"two benchmarks have the same name: {shown}; give each its own name")
         for name, loader in zip(self._test_names(), _as_list(self.trainer.test_dataloaders), strict=True):
             paired = _has_gt(loader.dataset)
             per_method = {str(i): self.metric_set.metrics(paired) for i in range(len(self.methods))}
@@ -142,6 +147,10 @@ class InvSREvaluation(L.LightningModule):
     def _test_names(self) -> list[str]:
         names = getattr(self.trainer.datamodule, "test_names", None)
         return list(names) if names else [str(i) for i in range(len(_as_list(self.trainer.test_dataloaders)))]
+
+    def _shown(self, name: str) -> str:
+        """What the tables call test set ``name``: its benchmark's ``name`` if set, else the key."""
+        return str(self.benchmarks.get(name, {}).get("name") or name)
 
     def _sampler(self, name: str) -> InvSRSampler:
         kwargs = dict(self.sampler_kwargs)
@@ -175,7 +184,8 @@ class InvSREvaluation(L.LightningModule):
             for i, (index, name) in enumerate(zip(indices, names, strict=True)):
                 if image_dir is not None:
                     write_image(image_dir / f"{name}.png", M.quantize_8bit(sr[i]).cpu())
-                row = {"benchmark": bench, "method": method["label"], "timesteps": method["timesteps"]}
+                row = {"benchmark": self._shown(bench), "method": method["label"]}
+                row |= {"timesteps": method["timesteps"]}
                 row |= {"order": dataloader_idx * len(self.methods) + position, "index": index, "name": name}
                 row |= {"rank": self.global_rank, "seconds": seconds, "errors": errors}
                 self._rows.append(row | {k: v[i] for k, v in scores.items()})
@@ -204,8 +214,7 @@ class InvSREvaluation(L.LightningModule):
     def _image_dir(self, bench: str, label: str) -> Path | None:
         if not (self.hparams.save_images or "fid" in self.metric_set.specs):
             return None
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in label)
-        return self.output_dir / "images" / bench / safe
+        return self.output_dir / "images" / _safe(self._shown(bench)) / _safe(label)
 
     # ------------------------------------------------------------------ results
     def on_test_epoch_end(self) -> None:
@@ -214,17 +223,18 @@ class InvSREvaluation(L.LightningModule):
         summary, logs, fid_missing = [], {}, {}
         world = self.trainer.world_size
         for bench_idx, bench in enumerate(self._test_names()):
+            shown, scored = self._shown(bench), False
             for position, method in enumerate(self.methods):
                 label = method["label"]
                 metrics = self.test_metrics[bench][str(position)]
                 # torchmetrics sums the states of every rank (each image counted once: padding is skipped)
                 means: dict[str, float | None] = {k: float(m.compute()) for k, m in metrics.items()}
-                mine = [r for r in rows if r["benchmark"] == bench and r["method"] == label]
+                mine = [r for r in rows if r["benchmark"] == shown and r["method"] == label]
                 for key in metrics:  # images a metric failed on are left out of its mean, and reported
                     failed = [r for r in mine if r["errors"].get(key)]
                     if failed:
                         first = f"{failed[0]['name']}: {failed[0]['errors'][key]}"
-                        self.failures[f"{key} ({bench}/{label})"] = (
+                        self.failures[f"{key} ({shown}/{label})"] = (
                             f"failed on {len(failed)} image(s): {first}"
                         )
                 if "fid" in self.metric_set.specs:
@@ -233,13 +243,29 @@ class InvSREvaluation(L.LightningModule):
                     )
                 wall = max(sum(r["seconds"] for r in mine if r["rank"] == q) for q in range(world))
                 stats = E.latency_summary([r["seconds"] for r in mine], wall_seconds=wall)
-                base = {"benchmark": bench, "method": label, "timesteps": method["timesteps"]}
+                base = {"benchmark": shown, "method": label, "timesteps": method["timesteps"]}
                 summary.append(
                     base | {"num_images": len(mine)} | {k: means.get(k) for k in self.headers} | stats
                 )
-                logs |= {f"test/{bench}/{label}/{k}": v for k, v in means.items() if v is not None}
+                logs |= {metric_key(shown, label, k): v for k, v in means.items() if v is not None}
+                scored = scored or any(v is not None and v == v for v in means.values())  # NaN: not scored
+            if not scored:
+                self.failures[shown] = self._nothing_scored(bench_idx)
+        # to every logger of the trainer (TensorBoard, CSV, MLflow, W&B): one scalar per set, row and metric
         self.log_dict(logs, rank_zero_only=True)
         self.results = self._write(summary, rows, self.metric_set.unavailable | self.failures | fid_missing)
+
+    def _nothing_scored(self, bench_idx: int) -> str:
+        """Why test set ``bench_idx`` has no metric value (it counts as a failure: exit code 1)."""
+        paired = _has_gt(_as_list(self.trainer.test_dataloaders)[bench_idx].dataset)
+        skipped = [k for k, s in self.metric_set.specs.items() if s.full_reference and not paired]
+        reasons = []
+        if skipped:
+            reasons.append(f"it has no GT, so the full-reference metrics ({', '.join(skipped)}) do not apply")
+        if self.metric_set.unavailable:
+            reasons.append(f"{', '.join(self.metric_set.unavailable)} are unavailable (see 'unavailable:')")
+        reason = "; ".join(reasons) or "no metric was selected"
+        return f"no metric computed: {reason}; give it GT images or the weights of a no-reference metric"
 
     @property
     def headers(self) -> dict[str, str]:
@@ -257,7 +283,7 @@ class InvSREvaluation(L.LightningModule):
     def _fid(self, bench: str, bench_idx: int, label: str, unavailable: dict[str, str]) -> float | None:
         dataset = _as_list(self.trainer.test_dataloaders)[bench_idx].dataset
         reference = self.benchmarks.get(bench, {}).get("fid_reference_dir")
-        gt_dir = self.output_dir / "images" / bench / "_gt"
+        gt_dir = self.output_dir / "images" / _safe(self._shown(bench)) / "_gt"
         sr_dir, spec = self._image_dir(bench, label), self.metric_set.specs["fid"]
         key = f"fid ({bench})"
         return fid_score(self.scorers["fid"], spec, dataset, sr_dir, gt_dir, reference, key, unavailable)
@@ -334,6 +360,17 @@ def _load_noise_predictor(
     if ckpt_path is None:
         return default(), "random init (no ckpt_path)"
     return load_noise_predictor(str(ckpt_path), use_ema, default=default)
+
+
+def metric_key(benchmark: str, method: str, metric: str) -> str:
+    """``test/<set>/<method>/<metric>``, the logged key of one table cell. Characters that trackers refuse in
+    metric names (MLflow: letters, digits, ``_-. /``; labels such as ``{250,150,50}`` have more) become
+    ``_``."""
+    return "/".join(["test", _safe(benchmark, "-_. "), _safe(method, "-_. "), metric])
+
+
+def _safe(text: str, keep: str = "-_") -> str:
+    return "".join(c if c.isalnum() or c in keep else "_" for c in str(text))
 
 
 def _as_list(loaders: Any) -> list:

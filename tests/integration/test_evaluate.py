@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -64,8 +65,9 @@ def make_cfg(tmp_path: Path, *overrides: str) -> DictConfig:
     return cfg
 
 
-def test_evaluate_samples_tiny_study(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path)
+def test_evaluate_samples_tiny_study(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    cfg = make_cfg(tmp_path, "logger=csv")
     with open_dict(cfg):  # a two-row study: one 1-step and one 3-step timestep set (Table-1 style labels)
         cfg.study.rows = [
             {"label": "{200}", "timesteps": [200]},
@@ -88,9 +90,19 @@ def test_evaluate_samples_tiny_study(tmp_path: Path) -> None:
         assert 0 < r["psnr"] <= 80 and -1 <= r["ssim"] <= 1
         assert r["latency_mean_s"] > 0 and r["latency_p95_s"] >= r["latency_mean_s"] * 0.5
         assert math.isfinite(r["images_per_s"]) and r["images_per_s"] > 0
-    labels = ("Bicubic", "{200}", "{250,150,50}")
+    labels = ("Bicubic", "_200_", "_250_150_50_")  # braces and commas: not allowed in MLflow metric names
     assert set(metrics) == {f"test/samples/{m}/{k}" for m in labels for k in ("psnr", "ssim")}
-    assert metrics["test/samples/{200}/psnr"] == pytest.approx(summary[1]["psnr"], rel=1e-6)
+    assert metrics["test/samples/_200_/psnr"] == pytest.approx(summary[1]["psnr"], rel=1e-6)
+    # the same cells reach the trainer's loggers (here CSV; MLflow / W&B alike)
+    logged = list(csv.DictReader((tmp_path / "out" / "csv" / "metrics.csv").open()))
+    assert float(logged[-1]["test/samples/_250_150_50_/psnr"]) == pytest.approx(summary[2]["psnr"], rel=1e-6)
+    # the console ends with the folder and its files, and warns that these weights are random
+    messages = [r.getMessage() for r in caplog.records]
+    wrote = next(m for m in messages if m.startswith("Wrote "))
+    assert str(tmp_path / "out") in wrote and "metrics.md" in wrote and "per_image.csv" in wrote
+    assert messages[-1] == ev.random_weights_warning(cfg)
+    assert "random (untrained) noise predictor" in messages[-1] and "'tiny'" in messages[-1]
+    assert "ckpt_path=logs/quickstart/runs/<time>/checkpoints/last.ckpt" in messages[-1]
     # unavailable metrics are reported with the file to fetch, and did not abort the run
     unavailable = results["unavailable"]
     assert {"lpips_vgg", "lpips_alex", "niqe", "pi", "clipiqa", "musiq"} <= set(unavailable)
@@ -321,3 +333,92 @@ def test_torchrun_two_ranks_gather_one_table(tmp_path: Path) -> None:
     mean = sum(float(r["psnr"]) for r in per_image) / 3
     assert float(table[0]["PSNR↑"]) == pytest.approx(mean, rel=1e-9)  # reduced across both ranks
     assert json.loads((out / "metadata.json").read_text())["world_size"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- provenance
+def _recorded_checkpoint(tmp_path: Path, *train_overrides: str) -> Path:
+    """A checkpoint file carrying the provenance train.py records for ``train_overrides``."""
+    from invsr_pl.utils.provenance import PROVENANCE_KEY, training_provenance
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        train_cfg = compose("train", overrides=["paths.output_dir=/nonexistent", *train_overrides])
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, PROVENANCE_KEY: training_provenance(train_cfg)}, ckpt)
+    return ckpt
+
+
+def test_checkpoint_backbone_is_used_and_a_different_one_refused(tmp_path: Path) -> None:
+    ckpt = _recorded_checkpoint(tmp_path, "experiment=quickstart", "scale=2")
+    cfg = make_cfg(tmp_path, f"ckpt_path={ckpt}")
+    ev.use_checkpoint_provenance(cfg)
+    assert cfg.model.backbone._target_.endswith("load_tiny_trained_sd_turbo")  # not the default random tiny
+    assert cfg.scale == 2 and cfg.data.test_datasets.samples.scale == 2  # the benchmark follows
+    assert cfg.seed == 123456 and cfg.model.seed == 123456  # validation's SR seed
+    assert cfg.sampler.chopping_size is None  # overridden on the command line (SMALL): the user's value stays
+
+    cfg = make_cfg(tmp_path, f"ckpt_path={ckpt}", "model/backbone=tiny")
+    with pytest.raises(ev.SetupError) as info:
+        ev.use_checkpoint_provenance(cfg)
+    message = str(info.value)
+    assert "\n" not in message
+    for part in (
+        str(ckpt),
+        "'tiny_trained'",
+        "'tiny'",
+        "model/backbone=tiny",
+        "allow_backbone_mismatch=true",
+    ):
+        assert part in message, message
+    assert "allow_backbone_mismatch" in cfg  # the key the message names exists in the config
+
+    cfg = make_cfg(tmp_path, f"ckpt_path={ckpt}", "model/backbone=tiny", "allow_backbone_mismatch=true")
+    ev.use_checkpoint_provenance(cfg)
+    assert cfg.model.backbone._target_.endswith("build_tiny_sd_turbo")  # named on purpose: kept
+    cfg = make_cfg(tmp_path, f"ckpt_path={ckpt}", "model/backbone=tiny_trained", "scale=4")
+    ev.use_checkpoint_provenance(cfg)  # the same backbone named explicitly is fine
+    assert cfg.scale == 4
+
+    official = tmp_path / "noise_predictor_sd_turbo_v5.pth"
+    torch.save({"encoder.conv_in.weight": torch.zeros(1)}, official)
+    cfg = make_cfg(tmp_path, f"ckpt_path={official}")
+    assert ev.use_checkpoint_provenance(cfg) is None  # official weights carry nothing: config unchanged
+    assert cfg.model.backbone._target_.endswith("build_tiny_sd_turbo") and cfg.seed == 0
+
+
+def _write_pairs(folder: Path, names: list[str], with_gt: bool) -> tuple[Path, Path]:
+    from invsr_pl.utils.images import write_image
+
+    gen = torch.Generator().manual_seed(0)
+    for name in names:
+        gt = torch.rand(3, 64, 64, generator=gen)
+        if with_gt:
+            write_image(folder / "gt" / f"{name}.png", gt)
+        write_image(folder / "lq" / f"{name}.png", torch.nn.functional.avg_pool2d(gt[None], 4)[0])
+    return folder / "lq", folder / "gt"
+
+
+def test_folder_benchmark_is_named_and_lq_only_without_metrics_fails(tmp_path: Path) -> None:
+    lq, gt = _write_pairs(tmp_path / "pairs", ["p1", "p2"], with_gt=True)
+    common = ["metrics=fidelity", "output.plot=false", "model.bicubic=false"]
+    cfg = make_cfg(
+        tmp_path, "benchmark=[samples,folder]", f"folder.lq_dir={lq}", f"folder.gt_dir={gt}",
+        "folder.name=my_pairs", "data.test_datasets.samples.num_images=1", *common,
+    )  # fmt: skip
+    metrics, objects = ev.evaluate(cfg)
+    model = objects["model"]
+    assert [r["benchmark"] for r in model.results["summary"]] == ["samples", "my_pairs"]
+    assert model.results["summary"][1]["num_images"] == 2 and model.results["summary"][1]["psnr"] > 0
+    assert "test/my_pairs/InvSR-1/psnr" in metrics and not model.failures
+    assert "| my_pairs | InvSR-1 |" in (tmp_path / "out" / "metrics.md").read_text()
+
+    lq_only, _ = _write_pairs(tmp_path / "lq_only", ["q1"], with_gt=False)
+    cfg = make_cfg(
+        tmp_path, "benchmark=[samples,folder]", f"folder.lq_dir={lq_only}", "folder.name=phone",
+        "data.test_datasets.samples.num_images=1", *common,
+    )  # fmt: skip
+    _, objects = ev.evaluate(cfg)
+    failures = objects["model"].failures
+    assert list(failures) == ["phone"]  # main() exits 1; the scored set is still in the table
+    assert (
+        failures["phone"].startswith("no metric computed: it has no GT") and "psnr, ssim" in failures["phone"]
+    )
