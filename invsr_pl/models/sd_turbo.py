@@ -33,7 +33,7 @@ POSITIVE_PROMPT = (
 )
 DEFAULT_MODEL_ID = "stabilityai/sd-turbo"
 
-# The diffusers folder layout a local SD-Turbo copy must have (what `huggingface-cli download` produces).
+# The diffusers folder layout a local SD-Turbo copy must have (what `hf download` produces).
 REQUIRED_SUBFOLDERS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
 _EXPECTED_LAYOUT = (
     "unet/{config.json, diffusion_pytorch_model.safetensors}, vae/{config.json, "
@@ -131,7 +131,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = 
 def _not_found(model: str, reason: str) -> BackboneWeightsNotFound:
     return BackboneWeightsNotFound(
         f"SD-Turbo weights for {model!r} could not be loaded: {reason}. Download them once where the Hugging "
-        f"Face hub is reachable (e.g. `huggingface-cli download {DEFAULT_MODEL_ID} --local-dir "
+        f"Face hub is reachable (e.g. `hf download {DEFAULT_MODEL_ID} --local-dir "
         "/path/to/sd-turbo`), then point the config at the folder: `model.backbone.model=/path/to/sd-turbo`. "
         f"The folder must have the diffusers layout: {_EXPECTED_LAYOUT}."
     )
