@@ -422,3 +422,37 @@ def test_folder_benchmark_is_named_and_lq_only_without_metrics_fails(tmp_path: P
     assert (
         failures["phone"].startswith("no metric computed: it has no GT") and "psnr, ssim" in failures["phone"]
     )
+
+
+@pytest.mark.slow  # the quick start (~30 s idle, 2 cores) and one evaluate.py run, both as a user types them
+def test_quickstart_checkpoint_scores_its_final_validation(tmp_path: Path) -> None:
+    """Issue 26's done-when: `evaluate.py ckpt_path=<last.ckpt>` with no model override scores the run's
+    final val/psnr_1step on the quick start's validation photos (4 photos, 128-px GT, one batch of 4)."""
+    logs = tmp_path / "logs"
+    train = [sys.executable, "train.py", "experiment=quickstart", "logger=csv", f"paths.log_dir={logs}"]
+    result = subprocess.run(train, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (ckpt,) = logs.glob("quickstart/runs/*/checkpoints/last.ckpt")
+    (history,) = logs.glob("quickstart/runs/*/csv/metrics.csv")
+    final = [float(r["val/psnr_1step"]) for r in csv.DictReader(history.open()) if r.get("val/psnr_1step")][
+        -1
+    ]
+
+    out = tmp_path / "eval"
+    same_images = [
+        "data.test_datasets.samples.num_images=4", "data.test_datasets.samples.gt_size=128",
+        "data.test_batch_size=4",  # validation's batch: the SR noise is seeded per batch of names
+    ]  # fmt: skip
+    evaluate = [
+        sys.executable, "evaluate.py", f"ckpt_path={ckpt}", *same_images, "metrics=fidelity",
+        f"metrics.weights_dir={tmp_path / 'no_weights'}", f"hydra.run.dir={out}",
+    ]  # fmt: skip
+    result = subprocess.run(evaluate, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = {r["Method"]: r for r in csv.DictReader((out / "metrics.csv").open())}
+    assert float(table["InvSR-1"]["PSNR↑"]) == pytest.approx(final, abs=1e-4), (table, final)
+    console = result.stdout + result.stderr
+    assert f"| samples | InvSR-1 | 200 | {final:.2f} |" in console  # the project's table, as in metrics.md
+    assert "DataLoader 0" not in console and "Test metric" not in console  # not Lightning's dump
+    assert f"Wrote {out}: metrics.md" in console
+    assert "random (untrained)" not in console  # a trained checkpoint on its trained backbone
