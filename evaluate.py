@@ -194,6 +194,9 @@ def evaluate(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """
     use_checkpoint_provenance(cfg)  # before anything is built: a wrong backbone fails in seconds
     warning = random_weights_warning(cfg)
+    if "backbone_name" in cfg.get("model", {}) and cfg.model.backbone_name is None:
+        with open_dict(cfg):  # the table says which backbone it scored on
+            cfg.model.backbone_name = backbone_identity(cfg.model.backbone)[0]
     if warning:
         log.warning(warning)
     if cfg.get("seed") is not None:

@@ -185,13 +185,13 @@ def report_text(
     protocol_description: str,
     unavailable: Mapping[str, str],
     checkpoint: str | None,
+    backbone: str | None = None,
 ) -> str:
-    """What is printed to the terminal: protocol, checkpoint, the table and why any metric is missing."""
-    out = [
-        f"Protocol: {protocol} — {protocol_description}",
-        f"Checkpoint: {checkpoint or '(random init)'}",
-        "",
-    ]
+    """What is printed to the terminal: protocol, checkpoint, backbone, the table and why any metric is
+    missing."""
+    out = [f"Protocol: {protocol} — {protocol_description}", f"Checkpoint: {checkpoint or '(random init)'}"]
+    out += [f"Backbone: {backbone}"] if backbone else []
+    out.append("")
     out.append(to_markdown(rows, metric_headers))
     for key, reason in unavailable.items():
         out.append(f"unavailable: {key}: {reason}")
@@ -292,5 +292,5 @@ def write_outputs(
 
 def report_header(metadata: Mapping[str, Any]) -> str:
     """Provenance lines put above the Markdown table."""
-    keys = ("protocol", "checkpoint", "seed", "config_name")
+    keys = ("protocol", "checkpoint", "backbone", "seed", "config_name")
     return "".join(f"- {k}: {metadata.get(k)}\n" for k in keys if k in metadata) + "\n"

@@ -80,6 +80,8 @@ class InvSREvaluation(L.LightningModule):
         output_dir: where the tables, plot and images go (rank 0's value is used on every rank).
         save_images: also write the SR PNGs to ``<output_dir>/images/<set>/<method>/``.
         plot: write ``fidelity_realism.png``.
+        backbone_name: what the tables call the backbone (``evaluate.py`` fills it in: ``tiny_trained``, a hub
+            id, ...; invsr_pl/utils/provenance.py), so a table says which model it scored.
         compile: ``torch.compile`` the noise predictor, UNet and VAE for inference (in place, fixed shapes;
             :func:`invsr_pl.utils.compile.compile_for_inference`). Worth it for large benchmarks on a GPU.
     """
@@ -104,6 +106,7 @@ class InvSREvaluation(L.LightningModule):
         save_images: bool = False,
         plot: bool = True,
         compile: bool = False,
+        backbone_name: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["backbone", "noise_predictor", "protocol"])
@@ -292,14 +295,21 @@ class InvSREvaluation(L.LightningModule):
         hp, protocol = self.hparams, self.protocol
         metadata = {
             "protocol": protocol.name, "protocol_description": protocol.description,
-            "checkpoint": hp.ckpt_path, "weights": self.weights_note, "use_ema": hp.use_ema, "seed": hp.seed,
+            "checkpoint": hp.ckpt_path, "backbone": hp.backbone_name, "weights": self.weights_note,
+            "use_ema": hp.use_ema, "seed": hp.seed,
             "world_size": self.trainer.world_size, "device": str(self.device), "unavailable": unavailable,
             "methods": self.methods, "test_sets": self._test_names(),
             "time": datetime.datetime.now(datetime.timezone.utc).isoformat(), "torch": torch.__version__,
             "config": dict(hp),
         }  # fmt: skip
         report = E.report_text(
-            summary, self.headers, protocol.name, protocol.description, unavailable, hp.ckpt_path
+            summary,
+            self.headers,
+            protocol.name,
+            protocol.description,
+            unavailable,
+            hp.ckpt_path,
+            hp.backbone_name,
         )
         files: dict[str, Path] = {}
         if self.global_rank == 0:

@@ -126,6 +126,7 @@ def test_evaluate_samples_tiny_study(tmp_path: Path, caplog: pytest.LogCaptureFi
         assert mean_psnr == pytest.approx(row["psnr"], rel=1e-9)
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["seed"] == 0 and meta["checkpoint"] is None and meta["protocol"] == "invsr"
+    assert meta["backbone"] == "tiny" and "Backbone: tiny\n" in report and "- backbone: tiny" in md
     assert meta["world_size"] == 1 and meta["test_sets"] == ["samples"]
     # fallback plot axes offline: PSNR vs SSIM, a real PNG
     assert files["plot"].read_bytes()[:8] == PNG_SIGNATURE and files["plot"].stat().st_size > 5_000
