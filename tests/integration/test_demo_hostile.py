@@ -313,3 +313,18 @@ def test_a_job_whose_caller_disconnected_is_cancelled(
         handle_file(_image(tmp_path / "next.png", 8, 8)), chopping_size=0, api_name="/upscale"
     )
     assert Path(png).is_file() and time.perf_counter() - start < 30  # the queue is free again
+
+
+def test_an_unexpected_error_names_its_type_only(
+    served: Served, client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gradio_client import handle_file
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise TypeError("unsupported operand in /srv/invsr/secret/engine.py line 3")
+
+    monkeypatch.setattr(served.upscaler, "upscale_file", broken)
+    caplog.set_level(logging.ERROR, logger="invsr_pl.demo")
+    message = _app_error(client, handle_file(_image(tmp_path / "a.png", 8, 8)))
+    assert message == "internal error (TypeError); the server log has the details"
+    assert "secret/engine.py" in caplog.text  # the details are on the server, not on the page
