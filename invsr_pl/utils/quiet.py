@@ -5,11 +5,20 @@ warnings that matter, such as missing weights, random weights or fallbacks, come
 
 - bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" (logged while diffusers or
   pyiqa import it, on CPUs with AVX512-BF16; we never quantise to 4 bit);
-- Lightning's "💡 Tip: ... litlogger / litmodels" advertisements;
+- Lightning's "💡 Tip: ... litlogger / litmodels" advertisements, and its note that it skips its default
+  model summary (conf/callbacks/model_summary.yaml configures one);
+- two Python warnings about the libraries' own versions, once per call site: Hydra 1.4's "instantiate()
+  resolved _target_=... with no _execution_whitelist_" (every config target here is this project's own
+  code; it becomes an error in Hydra 1.5, where call sites must pass a whitelist) and Lightning's
+  "isinstance(treespec, LeafSpec) is deprecated" (Lightning against a newer torch);
 - pyiqa's "Network [X] is created." on every metric, and (:func:`library_prints`) its printed "Loading
   pretrained model X from <file>" lines;
 - the FLOPs column and "Total Flops" line of Lightning's ``ModelSummary`` when nothing was counted (always,
-  unless a module sets ``example_input_array``): a column of zeros.
+  unless a module sets ``example_input_array``): a column of zeros;
+- the second copy of every Lightning line under Hydra: ``import lightning`` gives the ``lightning`` logger its
+  own console handler, and Lightning's records also propagate to the root logger, where Hydra's job logging
+  prints (and files) them again. Once the root logger has a console handler, Lightning's is removed (done
+  whether or not verbose: it is a copy, not detail).
 
 ``INVSR_VERBOSE=1`` (any command) or the commands' ``-v/--verbose`` brings all of it back. The package's
 ``__init__`` installs the filters, so they are in place before any submodule imports diffusers (the
@@ -23,18 +32,26 @@ import contextlib
 import io
 import logging
 import os
+import sys
+import warnings
 from collections.abc import Iterator
 
 VERBOSE_ENV = "INVSR_VERBOSE"
 _FALSE = ("", "0", "false", "no", "off")
 
+_DEFAULT_SUMMARY = "Skipping setting a default `ModelSummary` callback"
+# message regexes of the Python warnings ignored (warnings.filterwarnings matches from the start)
+_WARNINGS = (
+    r"hydra\.utils\.instantiate\(\) resolved _target_=.* with no\s+_execution_whitelist_",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
 # logger name -> substrings of the messages dropped from it
 _DROPPED: dict[str, tuple[str, ...]] = {
     "bitsandbytes.backends.cpu.ops": ("kernels-community",),
     # rank_zero_info logs on whichever of these lightning set last (lightning_utilities' module logger)
-    "lightning.pytorch.utilities.rank_zero": ("💡 Tip",),
-    "lightning.fabric.utilities.rank_zero": ("💡 Tip",),
-    "lightning_utilities.core.rank_zero": ("💡 Tip",),
+    "lightning.pytorch.utilities.rank_zero": ("💡 Tip", _DEFAULT_SUMMARY),
+    "lightning.fabric.utilities.rank_zero": ("💡 Tip", _DEFAULT_SUMMARY),
+    "lightning_utilities.core.rank_zero": ("💡 Tip", _DEFAULT_SUMMARY),
     "pyiqa": ("] is created.",),
 }
 _SUMMARY_LOGGER = "lightning.pytorch.callbacks.model_summary"
@@ -94,7 +111,8 @@ _FILTERS: list[tuple[logging.Logger, logging.Filter]] = []
 
 
 def quiet_dependencies(verbose: bool | None = None) -> bool:
-    """Install (or, when verbose, remove) the filters above; idempotent. Call it early in every command.
+    """Install (or, when verbose, remove) the filters above; idempotent. Call it early in every command,
+    and once more after Lightning is imported under Hydra's logging (drops Lightning's second console).
 
     Args:
         verbose: ``True`` keeps every dependency line; ``None`` or ``False``: quiet unless ``INVSR_VERBOSE``
@@ -104,9 +122,11 @@ def quiet_dependencies(verbose: bool | None = None) -> bool:
         Whether the output is verbose (the filters are off).
     """
     verbose = bool(verbose) or env_verbose()
+    _drop_duplicate_lightning_console()
     for logger, filt in _FILTERS:
         logger.removeFilter(filt)
     _FILTERS.clear()
+    _set_warning_filters(not verbose)
     if verbose:
         return True
     # getLogger before the library imports: the library's own getLogger(__name__) returns this same object
@@ -116,6 +136,32 @@ def quiet_dependencies(verbose: bool | None = None) -> bool:
     for logger, filt in _FILTERS:
         logger.addFilter(filt)
     return False
+
+
+def _set_warning_filters(on: bool) -> None:
+    """Add (``on``) or remove the ``ignore`` entries of :data:`_WARNINGS` in ``warnings.filters``."""
+    ours = [f for f in warnings.filters if f[0] == "ignore" and getattr(f[1], "pattern", None) in _WARNINGS]
+    for entry in ours:
+        warnings.filters.remove(entry)
+    # invalidates the per-module "already warned" caches (private; absent on some versions: then skipped)
+    mutated = getattr(warnings, "_filters_mutated", None)
+    if ours and mutated is not None:
+        mutated()
+    for pattern in _WARNINGS if on else ():
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+
+
+def _drop_duplicate_lightning_console() -> None:
+    """Remove the console handler ``lightning/__init__.py`` adds (its ``_console``) when the root logger
+    prints to the terminal too (Hydra's job logging): otherwise every Lightning record prints twice."""
+    lightning = sys.modules.get("lightning")
+    console = getattr(lightning, "_console", None)
+    if not isinstance(console, logging.Handler):
+        return
+    terminals = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    root = logging.getLogger().handlers
+    if any(type(h) is logging.StreamHandler and h.stream in terminals for h in root):
+        logging.getLogger("lightning").removeHandler(console)
 
 
 def is_quiet() -> bool:

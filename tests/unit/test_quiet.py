@@ -8,6 +8,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,6 +115,44 @@ def test_verbose_brings_everything_back(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert "💡 Tip" in out.text and "FLOPs" in out.text and "Total Flops" in out.text
     assert quiet.quiet_dependencies(verbose=True) is True and not quiet.is_quiet()  # the --verbose flag
     assert quiet.quiet_dependencies() is False and quiet.is_quiet()
+
+
+def test_library_version_warnings_are_ignored(quiet_mode) -> None:
+    from hydra.utils import instantiate
+
+    def warned() -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            instantiate({"_target_": "collections.OrderedDict"})  # Hydra 1.4: "... no _execution_whitelist_"
+        return [str(w.message) for w in caught if "_execution_whitelist_" in str(w.message)]
+
+    assert warned() == []
+    quiet.quiet_dependencies(verbose=True)
+    try:
+        loud = warned()
+    finally:
+        quiet.quiet_dependencies()
+    if not loud:
+        pytest.skip("this Hydra does not warn about execution whitelists")
+    assert warned() == []
+
+
+def test_lightning_prints_once_under_a_root_console(quiet_mode) -> None:
+    """Under Hydra the root logger prints Lightning's records; Lightning's own console must not print them
+    again (train.py and evaluate.py call quiet_dependencies once Lightning is imported)."""
+    import lightning
+
+    root, package = logging.getLogger(), logging.getLogger("lightning")
+    console = logging.StreamHandler(sys.stderr)
+    had = lightning._console in package.handlers
+    package.addHandler(lightning._console)  # as `import lightning` leaves it (no-op when already there)
+    root.addHandler(console)
+    try:
+        quiet.quiet_dependencies()
+        assert lightning._console not in package.handlers
+    finally:
+        root.removeHandler(console)
+        if had:
+            package.addHandler(lightning._console)
 
 
 @pytest.mark.parametrize(("value", "verbose"), [("", False), ("0", False), ("off", False), ("1", True)])
