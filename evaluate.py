@@ -56,6 +56,7 @@ from invsr_pl.utils.provenance import (
     check_backbone,
     read_provenance,
 )
+from invsr_pl.utils.quiet import quiet_dependencies
 
 log = get_logger(__name__)  # rank zero only
 
@@ -247,6 +248,7 @@ def _report_end(results: dict[str, Any], failures: dict[str, str], warning: str 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    quiet_dependencies()  # after Hydra's logging setup: one copy of Lightning's lines (README "Speed")
     try:
         _, objects = evaluate(cfg)
     except SetupError as err:
