@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from invsr_pl.metrics import weights as W
+from invsr_pl.utils.quiet import library_prints
 
 #: Column order of the tables (the paper's Table order: fidelity first, then perceptual, then no-reference).
 METRIC_ORDER = (
@@ -163,7 +164,8 @@ class PyiqaScorer(nn.Module):
 
         self.full_reference = full_reference
         # frozen: it moves with its LightningModule, and DDP must not wait for gradients of a metric
-        self.model = pyiqa.create_metric(name, device=device, **options).requires_grad_(False)
+        with library_prints():  # pyiqa prints "Loading pretrained model ..." per network (utils/quiet.py)
+            self.model = pyiqa.create_metric(name, device=device, **options).requires_grad_(False)
 
     def forward(self, sr: Tensor, gt: Tensor | None = None) -> Tensor:
         out = self.model(sr, gt) if self.full_reference else self.model(sr)
