@@ -92,10 +92,13 @@ def backbone_identity(backbone_cfg: Mapping[str, Any]) -> tuple[str, str | None]
 
 
 def _choice(backbone_cfg: Mapping[str, Any], choice: str | None) -> str | None:
+    """The ``model/backbone`` option: given, else that of a built-in builder, else Hydra's runtime choice
+    (a user's own option file). Hydra's record is global state, so it is the last resort."""
     if choice is not None:
         return choice
     target = str(backbone_cfg.get("_target_", ""))
-    return next((option for suffix, (_, option) in _BUILDERS.items() if target.endswith(suffix)), None)
+    known = next((option for suffix, (_, option) in _BUILDERS.items() if target.endswith(suffix)), None)
+    return known if known is not None else _hydra_choice("model/backbone")
 
 
 def _prompt(backbone_cfg: Mapping[str, Any]) -> str | None:
@@ -122,8 +125,8 @@ def training_provenance(cfg: Mapping[str, Any], backbone_choice: str | None = No
     Args:
         cfg: the training config (``DictConfig`` or mapping) with ``model.backbone``,
             ``model.noise_predictor``, optional top-level ``scale`` and ``seed``.
-        backbone_choice: the ``model/backbone`` option (Hydra's ``runtime.choices``); None: read from
-            Hydra when it runs, else inferred from the builder.
+        backbone_choice: the ``model/backbone`` option; None: inferred from the builder, else Hydra's
+            ``runtime.choices``.
     """
     model = cfg["model"]
     if not isinstance(model.get("backbone"), Mapping) or not isinstance(
@@ -131,8 +134,6 @@ def training_provenance(cfg: Mapping[str, Any], backbone_choice: str | None = No
     ):
         return None
     backbone_cfg = _plain(model["backbone"])
-    if backbone_choice is None:
-        backbone_choice = _hydra_choice("model/backbone")
     name, revision = backbone_identity(backbone_cfg)
     noise_predictor = _plain(model["noise_predictor"])
     scale = cfg.get("scale") or noise_predictor.get("scale") or 4

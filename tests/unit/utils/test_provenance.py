@@ -38,7 +38,7 @@ def test_training_provenance_names_the_backbone_invsr_sr_takes(overrides, name, 
     prov = P.training_provenance(cfg)
     assert prov["format"] == P.FORMAT
     assert prov["backbone"]["name"] == name
-    assert prov["backbone"]["choice"] == choice  # inferred from the builder outside a Hydra run
+    assert prov["backbone"]["choice"] == choice  # from the builder, whatever Hydra ran before
     assert prov["backbone"]["config"]["_target_"] == cfg.model.backbone._target_
     assert prov["scale"] == cfg.scale
     assert prov["noise_predictor"]["scale"] == cfg.scale
