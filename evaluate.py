@@ -47,6 +47,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from invsr_pl.launch import exit_codes
 from invsr_pl.launch.instantiate import instantiate_callbacks, instantiate_loggers, instantiate_trainer
 from invsr_pl.utils.checkpoint import WeightFileError
 from invsr_pl.utils.logging import get_logger, log_hyperparameters
@@ -247,6 +248,7 @@ def _report_end(results: dict[str, Any], failures: dict[str, str], warning: str 
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+@exit_codes.task  # a command line Hydra cannot compose exits 2, not 1 (invsr_pl/launch/exit_codes.py)
 def main(cfg: DictConfig) -> None:
     quiet_dependencies()  # after Hydra's logging setup: one copy of Lightning's lines (README "Speed")
     try:
@@ -259,4 +261,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_codes.run(main)

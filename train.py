@@ -5,14 +5,20 @@
     python train.py ckpt_path=last                         # continue the latest run of that task
     python train.py experiment=finetune_x4 data.train_dataset.sources.0.root=/data/photos
     python train.py -m experiment=smoke model.gan_weight=0,0.1   # a sweep, one run folder per job
+    python train.py -m model.lpips_weight=1,2 trainer.devices=8  # 8-GPU DDP jobs, one after another
 
-``train(cfg)`` is the testable task; ``main`` is the Hydra shell that returns ``cfg.optimized_metric``.
+``train(cfg)`` is the testable task; ``main`` is the Hydra shell that returns ``cfg.optimized_metric``. In a
+local multirun, a job whose ranks Lightning starts by re-executing the command (``ddp`` over several devices)
+runs as its own single-run process (invsr_pl/launch/job_process.py, docs/lightning.md#hydra-ddp-and-sweeps).
+The run ends with its folder, checkpoint, validation images and the ``tensorboard --logdir`` command.
 
-Exit codes (single runs; a multirun leaves failures to Hydra's sweep):
+Exit codes (single runs; a multirun leaves failed jobs to Hydra's sweep, and exits 1 if any failed):
     0    done
     1    an unexpected error (full traceback)
-    2    setup error: config values that disagree, a missing/unreadable/unsafe ``ckpt_path`` or one that lacks
-         trainable weights, bad constructor arguments; one line, printed last
+    2    setup error: a command line Hydra cannot compose (unknown key, bad override; Hydra's message),
+         config values that disagree, a missing/unreadable/unsafe ``ckpt_path`` or one that lacks trainable
+         weights, bad constructor arguments, ``trainer.num_nodes > 1`` in a local multirun; one line,
+         printed last
     3    training stopped by the non-finite guard (``model.max_consecutive_nonfinite``); one line
     143  SIGTERM (preemption, ``kill``, ``scancel``): ``checkpoints/last.ckpt`` was saved first, so
          ``ckpt_path=last`` continues the run. Under SLURM, Lightning's requeue (requeue signal) stays on.
@@ -24,39 +30,22 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import lightning.pytorch as L
-import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
-from invsr_pl.launch.instantiate import (
-    instantiate_callbacks,
-    instantiate_loggers,
-    instantiate_trainer,
-    metric_value,
-)
-from invsr_pl.launch.startup_checks import SetupError, check_checkpoint_fits, check_config
-from invsr_pl.systems.invsr import NonFiniteLossError
-from invsr_pl.utils.checkpoint import CheckpointMismatchError, WeightFileError
-from invsr_pl.utils.logging import get_logger, log_hyperparameters
-from invsr_pl.utils.provenance import training_provenance
+from invsr_pl.launch import exit_codes
+from invsr_pl.launch.exit_codes import EXIT_ERROR, EXIT_NONFINITE, EXIT_SETUP, EXIT_SIGTERM
 
-log = get_logger(__name__)  # rank zero only
+if TYPE_CHECKING:
+    import lightning.pytorch as L
 
-EXIT_ERROR, EXIT_SETUP, EXIT_NONFINITE, EXIT_SIGTERM = 1, 2, 3, 143
-SETUP_ERRORS = (
-    SetupError,
-    WeightFileError,
-    CheckpointMismatchError,
-    InstantiationException,
-    FileNotFoundError,
-)
+# torch, Lightning, diffusers and the system are imported once a config is composed (inside the functions
+# below), so `--help` and `--cfg job` print in about a second (README.md#speed).
 
 # Both are by design: the frozen SD-Turbo/LPIPS stay in eval mode, and manual-optimisation checkpoints hold
 # the post-step weights together with the post-step counters (what exact resume needs).
@@ -66,7 +55,32 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     """Scalar metrics as plain floats (tensors from callback_metrics included)."""
+    import torch
+
     return {k: float(v) for k, v in metrics.items() if not isinstance(v, torch.Tensor) or v.numel() == 1}
+
+
+def _log_outputs(trainer: L.Trainer) -> None:
+    """The last lines of a run (rank zero): its folder, checkpoint, validation images, TensorBoard command."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from invsr_pl.utils.logging import get_logger
+
+    log = get_logger(__name__)
+    log.info("Run folder: %s", trainer.default_root_dir)
+    last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+    if last and Path(last).is_file():
+        log.info("Checkpoint: %s", last)
+    else:  # fast_dev_run (debug=fdr) and runs without a checkpoint callback save nothing
+        why = " (fast_dev_run saves none)" if trainer.fast_dev_run else ""
+        log.info("Checkpoint: none written%s", why)
+    pngs = [getattr(cb, "last_png", None) for cb in trainer.callbacks]
+    folders = sorted({str(Path(p).parent) for p in pngs if p is not None and Path(p).is_file()})
+    for folder in folders:
+        log.info("Validation images: %s", folder)
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger) and Path(logger.log_dir).is_dir():
+            log.info("TensorBoard: tensorboard --logdir %s", logger.log_dir)
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -81,6 +95,17 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             keys are checked once the model exists, before training).
         SIGTERMException: the run got SIGTERM; ``last.ckpt`` was saved first.
     """
+    import lightning.pytorch as L
+    import torch
+
+    from invsr_pl.launch.instantiate import instantiate_callbacks, instantiate_loggers, instantiate_trainer
+    from invsr_pl.launch.startup_checks import check_checkpoint_fits, check_config
+    from invsr_pl.utils.logging import get_logger, log_hyperparameters
+    from invsr_pl.utils.provenance import training_provenance
+    from invsr_pl.utils.quiet import quiet_dependencies
+
+    quiet_dependencies()  # Lightning is imported now: one copy of its lines under Hydra (README "Speed")
+    log = get_logger(__name__)  # rank zero only
     ckpt_path = check_config(cfg)  # before instantiating anything: fail in seconds, with one line
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -120,15 +145,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         final = {k: v for k, v in sorted(metrics.items()) if k.startswith("val/")}
         if final:  # the numbers a run is judged by, next to their baselines (e.g. val/psnr_bicubic)
             log.info("Final validation: %s", ", ".join(f"{k}={v:.4g}" for k, v in final.items()))
-        last = getattr(trainer.checkpoint_callback, "last_model_path", "")
-        if last:
-            log.info("Last checkpoint: %s", last)
     if cfg.get("test", False):
         # after fit: the weights in memory (EMA swapped in by its callback); test-only: the given checkpoint
         trainer.test(
             model=model, datamodule=datamodule, ckpt_path=None if cfg.get("train", True) else ckpt_path
         )
         metrics.update(_floats(trainer.callback_metrics))
+    _log_outputs(trainer)
     return metrics, objects
 
 
@@ -136,20 +159,69 @@ def _is_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
-def _exit(code: int, err: BaseException) -> None:
+def _exit(code: int, err: BaseException, result_file: str | None = None) -> None:
     """One readable line, printed last, then ``sys.exit(code)``; a traceback only with HYDRA_FULL_ERROR=1."""
+    from invsr_pl.launch.job_process import write_job_result
+
+    message = " ".join(str(err).split()) or type(err).__name__
+    if result_file:
+        write_job_result(result_file, error=message, exit_code=code)
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise err
-    message = " ".join(str(err).split()) or type(err).__name__
     print(f"train.py: error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
+def _job_process_world(cfg: DictConfig) -> int:
+    """For a job of a multirun: the number of processes when it must run as its own single-run process (a
+    re-executing DDP trainer on this machine, see invsr_pl/launch/job_process.py); 0 when it runs here."""
+    from invsr_pl.launch.job_process import is_slurm_launcher, starts_ranks_by_reexecution
+    from invsr_pl.launch.startup_checks import SetupError, check_local_multirun
+    from invsr_pl.utils.batching import resolve_world_size
+
+    launcher = HydraConfig.get().launcher
+    try:  # no job of this sweep could run: stop it at the first one
+        check_local_multirun(cfg.trainer, launcher)
+    except SetupError as err:
+        _exit(EXIT_SETUP, err)
+    if is_slurm_launcher(launcher) or "LOCAL_RANK" in os.environ:
+        return 0  # the cluster (or torchrun) starts every rank itself; Lightning re-executes nothing
+    if not starts_ranks_by_reexecution(cfg.trainer):
+        return 0
+    return resolve_world_size(cfg.trainer.get("devices", 1), 1, cfg.trainer.get("accelerator", "auto"))
+
+
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
+@exit_codes.task
 def main(cfg: DictConfig) -> float | None:
+    from hydra.errors import InstantiationException
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from invsr_pl.launch.instantiate import metric_value
+    from invsr_pl.launch.job_process import JOB_RESULT_ENV, run_job_process, write_job_result
+    from invsr_pl.launch.startup_checks import SetupError
+    from invsr_pl.systems.invsr import NonFiniteLossError
+    from invsr_pl.utils.checkpoint import CheckpointMismatchError, WeightFileError
+
+    # set by a sweep that started this process for one job (run_job_process); popped, so the ranks that
+    # Lightning starts from here never see it and only rank 0 reports
+    result_file = os.environ.pop(JOB_RESULT_ENV, None)
+    world = _job_process_world(cfg) if _is_multirun() else 0
+    if world:
+        metrics = run_job_process(Path(__file__), HydraConfig.get(), world)  # SweepJobError: the job failed
+        return metric_value(metrics, cfg.get("optimized_metric"))
+    setup_errors = (
+        SetupError,
+        WeightFileError,
+        CheckpointMismatchError,
+        InstantiationException,
+        FileNotFoundError,
+    )
     try:
         metrics, _ = train(cfg)
     except SIGTERMException:
+        if result_file:
+            write_job_result(result_file, error="stopped by SIGTERM", exit_code=EXIT_SIGTERM)
         print(
             f"train.py: stopped by SIGTERM; checkpoints/last.ckpt saved, resume with ckpt_path=last "
             f"(exit {EXIT_SIGTERM})",
@@ -157,16 +229,22 @@ def main(cfg: DictConfig) -> float | None:
             flush=True,
         )
         sys.exit(EXIT_SIGTERM)
-    except SETUP_ERRORS as err:
+    except setup_errors as err:
         if _is_multirun():
             raise
-        _exit(EXIT_SETUP, err)
+        _exit(EXIT_SETUP, err, result_file)
     except NonFiniteLossError as err:
         if _is_multirun():
             raise
-        _exit(EXIT_NONFINITE, err)
+        _exit(EXIT_NONFINITE, err, result_file)
+    except Exception as err:  # the full traceback follows (Hydra); the sweep that started us gets one line
+        if result_file:
+            write_job_result(result_file, error=f"{type(err).__name__}: {err}", exit_code=EXIT_ERROR)
+        raise
+    if result_file:
+        write_job_result(result_file, metrics=metrics)
     return metric_value(metrics, cfg.get("optimized_metric"))
 
 
 if __name__ == "__main__":
-    main()
+    exit_codes.run(main)

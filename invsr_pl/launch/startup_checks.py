@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from invsr_pl.launch.instantiate import resolve_ckpt_path
+from invsr_pl.launch.job_process import is_slurm_launcher
 from invsr_pl.utils.checkpoint import (
     STATE_PREFIX,
     check_trainable_keys,
@@ -23,7 +24,7 @@ from invsr_pl.utils.checkpoint import (
     load_checkpoint,
 )
 
-__all__ = ["SetupError", "check_checkpoint_fits", "check_config"]
+__all__ = ["SetupError", "check_checkpoint_fits", "check_config", "check_local_multirun"]
 
 _NOISE_PREDICTOR_DEFAULTS = {"scale": 4, "vae_scale_factor": 8}  # NoisePredictor's constructor defaults
 
@@ -136,12 +137,28 @@ def check_config(cfg: Any) -> str | None:
     scale = check_scales(cfg)
     check_gt_size(cfg, scale)
     try:
-        check_batch_config(cfg)
+        check_batch_config(cfg, log_plan=False)  # the data module states the split once it knows the world
         if _get(cfg, "data._target_") == f"{SRDataModule.__module__}.{SRDataModule.__name__}":
             check_data_folders(cfg)  # the paper recipe without its data stops here, not after SD-Turbo loads
     except (ValueError, FileNotFoundError) as err:
         raise SetupError(str(err)) from err
     return check_ckpt_path(cfg)
+
+
+def check_local_multirun(trainer: Mapping[str, Any], launcher: Mapping[str, Any] | None) -> None:
+    """A multirun with any launcher but SLURM's runs every job on this machine: refuse ``num_nodes > 1``.
+
+    Args:
+        trainer: the job's ``trainer`` config.
+        launcher: ``hydra.launcher`` of the multirun.
+    """
+    nodes = int(trainer.get("num_nodes") or 1)
+    if nodes > 1 and not is_slurm_launcher(launcher):
+        raise SetupError(
+            f"trainer.num_nodes={nodes} in a local multirun: its jobs would wait for nodes that are never "
+            "started; sweep over several nodes with the SLURM launcher (add hydra/launcher=slurm: "
+            "conf/hydra/launcher/slurm.yaml), or set trainer.num_nodes=1"
+        )
 
 
 def check_checkpoint_fits(ckpt_path: str | None, model: nn.Module) -> None:
