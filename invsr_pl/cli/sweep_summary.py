@@ -1,4 +1,6 @@
-"""``invsr-sweep-summary DIR [--metric NAME] [--mode max|min] [--output DIR]``; ``python -m invsr_pl.sweeps``.
+"""``invsr-sweep-summary DIR [--metric NAME] [--mode max|min] [--noise X] [--output DIR]``.
+
+Also ``python -m invsr_pl.sweeps``.
 
 Rebuilds the summary of a finished (or interrupted) multirun folder, e.g. one copied back from a cluster.
 Exit codes: 0 every job reported the metric, 1 some did not (the summary is still written, those rows last),
@@ -27,15 +29,23 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--metric", default=None, help="metric to sort by (default: the jobs' optimized_metric)")
     p.add_argument("--mode", choices=MODES, default="max", help="max: higher is better (PSNR); min: lower")
+    p.add_argument(
+        "--noise",
+        type=float,
+        default=None,
+        help="validation noise of the metric (e.g. 0.05 dB): say whether the best job's lead exceeds it "
+        "(default: the spread of each job's last validations)",
+    )
     p.add_argument("--output", default=None, help="folder for the three files (default: the multirun folder)")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``invsr-sweep-summary DIR [--metric NAME] [--mode max|min] [--output DIR]``; returns the exit code."""
+    """``invsr-sweep-summary DIR [--metric NAME] [--mode max|min] [--noise X] [--output DIR]``; returns the
+    exit code."""
     args = _parse_args(argv)
     try:
-        summary = build_summary(args.sweep_dir, args.metric, args.mode)
+        summary = build_summary(args.sweep_dir, args.metric, args.mode, args.noise)
         paths = write_summary(summary, args.output)
     except (SweepSummaryError, OSError) as err:
         print(f"invsr-sweep-summary: {err}", file=sys.stderr)

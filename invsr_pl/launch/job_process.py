@@ -161,6 +161,9 @@ def _stop_group(pgid: int, grace_s: float, what: str) -> None:
         log.warning("%s: ranks still running %.0f s after rank 0 ended; killing them", what, grace_s)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pgid, signal.SIGKILL)
+        deadline = time.monotonic() + 10.0  # until they are gone (and their GPU memory free for the next job)
+        while _group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 @contextlib.contextmanager

@@ -7,7 +7,9 @@ folder:
 - ``summary.csv``: one row per job: rank, job number, status, one column per override that varies across
   jobs, the full override string, the optimised metric, the other final validation metrics (``val/*``) and
   the job's run folder (relative to the multirun folder);
-- ``summary.md``: the same table for reading, with the overrides common to all jobs and the best job above it;
+- ``summary.md``: the same table for reading, with the overrides common to all jobs and the best job above it,
+  and whether its lead over the runner-up exceeds the validation noise (a stated ``noise``, or the spread of
+  each job's last validations);
 - ``summary.png``: the optimised metric per job as a point plot, the best job highlighted.
 
 Everything is read from what the jobs left on disk, so the same summary can be rebuilt later from a folder
@@ -27,16 +29,25 @@ files), :mod:`~invsr_pl.sweeps.callback` (the Hydra callback); the command is
 
 from invsr_pl.cli.sweep_summary import main
 from invsr_pl.sweeps.callback import SweepSummaryCallback
-from invsr_pl.sweeps.report import SUMMARY_FILES, summary_csv, summary_markdown, summary_plot, write_summary
+from invsr_pl.sweeps.report import (
+    SUMMARY_FILES,
+    lead_verdict,
+    summary_csv,
+    summary_markdown,
+    summary_plot,
+    write_summary,
+)
 from invsr_pl.sweeps.results import (
     JOB_RECORD,
     MODES,
     JobResult,
+    Lead,
     SweepSummary,
     SweepSummaryError,
     build_summary,
     find_jobs,
     read_job,
+    read_logged_history,
     read_logged_metrics,
 )
 
@@ -45,13 +56,16 @@ __all__ = [
     "MODES",
     "SUMMARY_FILES",
     "JobResult",
+    "Lead",
     "SweepSummary",
     "SweepSummaryCallback",
     "SweepSummaryError",
     "build_summary",
     "find_jobs",
+    "lead_verdict",
     "main",
     "read_job",
+    "read_logged_history",
     "read_logged_metrics",
     "summary_csv",
     "summary_markdown",

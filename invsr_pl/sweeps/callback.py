@@ -10,7 +10,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from invsr_pl.sweeps.report import write_summary
+from invsr_pl.sweeps.report import lead_verdict, write_summary
 from invsr_pl.sweeps.results import JOB_RECORD, SweepSummaryError, build_summary, resolve_mode
 from invsr_pl.utils.atomic import atomic_write
 
@@ -29,15 +29,23 @@ class SweepSummaryCallback(Callback):
             (Hydra's basic sweeper raises at the first failed job, before ``on_multirun_end``) still leaves a
             table with the failed job in it.
         enabled: False turns the callback off.
+        noise: the validation noise of the metric (e.g. 0.05 dB of PSNR): the summary says whether the best
+            job's lead over the runner-up exceeds it; None = estimated from each job's repeated validations.
 
     A summary that cannot be written is logged with the command that rebuilds it; it never fails a job or a
     sweep. Multiruns whose jobs name no ``optimized_metric`` (e.g. ``evaluate.py -m``) get no summary.
     """
 
     def __init__(
-        self, metric: str | None = None, mode: str = "max", after_each_job: bool = True, enabled: bool = True
+        self,
+        metric: str | None = None,
+        mode: str = "max",
+        after_each_job: bool = True,
+        enabled: bool = True,
+        noise: float | None = None,
     ) -> None:
         self.metric = metric or None
+        self.noise = None if noise is None else float(noise)
         self.mode = resolve_mode(mode)
         self.after_each_job = bool(after_each_job)
         self.enabled = bool(enabled)
@@ -74,7 +82,7 @@ class SweepSummaryCallback(Callback):
 
     def _summarise(self, sweep_dir: Path, final: bool) -> None:
         try:
-            summary = build_summary(sweep_dir, self.metric, self.mode)
+            summary = build_summary(sweep_dir, self.metric, self.mode, self.noise)
             paths = write_summary(summary)
         except SweepSummaryError as err:  # e.g. jobs without optimized_metric: nothing to rank
             log.info("No sweep summary: %s", err)
@@ -92,3 +100,6 @@ class SweepSummaryCallback(Callback):
             best = summary.best
             if best is not None:
                 log.info("Best job %s: %s = %.4f", best.job, summary.metric, best.value(summary.metric))
+                verdict = lead_verdict(summary)
+                if verdict:
+                    log.info("%s", verdict)

@@ -8,10 +8,17 @@ import math
 from pathlib import Path
 from typing import Any
 
-from invsr_pl.sweeps.results import JobResult, SweepSummary, natural_key, override_key
+from invsr_pl.sweeps.results import NOISE_VALIDATIONS, JobResult, SweepSummary, natural_key, override_key
 from invsr_pl.utils.atomic import atomic_write
 
-__all__ = ["SUMMARY_FILES", "summary_csv", "summary_markdown", "summary_plot", "write_summary"]
+__all__ = [
+    "SUMMARY_FILES",
+    "lead_verdict",
+    "summary_csv",
+    "summary_markdown",
+    "summary_plot",
+    "write_summary",
+]
 
 SUMMARY_FILES = ("summary.csv", "summary.md", "summary.png")
 
@@ -54,6 +61,31 @@ def _rows(summary: SweepSummary) -> tuple[list[str], list[list[Any]]]:
     return header, cells
 
 
+def lead_verdict(summary: SweepSummary) -> str:
+    """One sentence on whether the best job's lead over the runner-up exceeds the validation noise ("" with
+    fewer than two jobs that reported the metric)."""
+    lead = summary.lead()
+    if lead is None:
+        return ""
+    ahead = f"Its lead over job {lead.runner_up.job} is {_fmt(lead.margin)}"
+    if lead.noise is None:
+        return (
+            f"{ahead}; the validation noise is unknown (a job validated fewer than twice): compare with "
+            "repeated validations, or state it with `--noise` (`hydra.callbacks.sweep_summary.noise`)."
+        )
+    if lead.source == "stated":
+        what = f"the stated validation noise {_fmt(lead.noise)}"
+    else:
+        what = (
+            f"the validation noise {_fmt(lead.noise)} (the spread of each job's last "
+            f"{NOISE_VALIDATIONS} validations)"
+        )
+    if lead.within_noise:
+        pair = f"jobs {lead.best.job} and {lead.runner_up.job}"
+        return f"{ahead}, within {what}: the sweep does not separate {pair}."
+    return f"{ahead}, above {what}."
+
+
 def summary_csv(summary: SweepSummary) -> str:
     """CSV text: the table plus the full override string per job; full-precision numbers, empty = absent."""
     header, cells = _rows(summary)
@@ -84,6 +116,9 @@ def summary_markdown(summary: SweepSummary) -> str:
             f"Best: job {best.job} (`{swept}`), {summary.metric} = {_fmt(best.value(summary.metric))}, "
             f"run folder `{_run_dir(summary, best)}`."
         )
+        verdict = lead_verdict(summary)
+        if verdict:
+            lines.append(verdict)
     lines += ["", "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in cells:
         text = [_fmt(c) if isinstance(c, float) or c is None else str(c) for c in row]

@@ -25,6 +25,7 @@ __all__ = [
     "JOB_RECORD",
     "MODES",
     "JobResult",
+    "Lead",
     "SweepSummary",
     "SweepSummaryError",
     "build_summary",
@@ -32,6 +33,7 @@ __all__ = [
     "natural_key",
     "override_key",
     "read_job",
+    "read_logged_history",
     "read_logged_metrics",
     "resolve_mode",
 ]
@@ -60,6 +62,7 @@ class JobResult:
         optimized_metric: the job's ``optimized_metric`` config value, if any.
         return_value: the value the job returned to the sweeper, if recorded.
         error: the exception text of a failed job.
+        history: every logged value of every scalar, in step order (``val/*`` once per validation).
     """
 
     job: str
@@ -70,6 +73,7 @@ class JobResult:
     optimized_metric: str | None = None
     return_value: float | None = None
     error: str | None = None
+    history: dict[str, list[float]] = field(default_factory=dict)
 
     def value(self, metric: str) -> float | None:
         """The job's final ``metric``: logged value, else its recorded return value; None if absent/NaN."""
@@ -90,6 +94,7 @@ class SweepSummary:
     varying: list[str]  # override keys whose values differ between jobs (one column each)
     common: list[str]  # overrides shared by every job
     other_metrics: list[str]  # final validation metrics besides `metric`
+    noise: float | None = None  # a stated validation noise of `metric`; None: from repeated validations
 
     @property
     def missing(self) -> list[JobResult]:
@@ -99,6 +104,61 @@ class SweepSummary:
     @property
     def best(self) -> JobResult | None:
         return self.rows[0] if self.rows and self.rows[0].value(self.metric) is not None else None
+
+    def lead(self) -> Lead | None:
+        """How far the best job is ahead of the runner-up, against the validation noise; None with fewer
+        than two jobs that reported the metric."""
+        done = [r for r in self.rows if r.value(self.metric) is not None]
+        if len(done) < 2:
+            return None
+        best, runner_up = done[0], done[1]
+        margin = abs(best.value(self.metric) - runner_up.value(self.metric))  # type: ignore[operator]
+        if self.noise is not None:
+            return Lead(best, runner_up, margin, float(self.noise), "stated")
+        spreads = [_spread(j.history.get(self.metric, [])) for j in (best, runner_up)]
+        if any(sp is None for sp in spreads):
+            return Lead(best, runner_up, margin, None, "none")
+        # the spread of the difference of two single validations, one per job
+        noise = math.sqrt(sum(sp * sp for sp in spreads))  # type: ignore[operator]
+        return Lead(best, runner_up, margin, noise, "repeated")
+
+
+NOISE_VALIDATIONS = 3  # the last validations of a job whose spread estimates the noise of one validation
+
+
+def _spread(values: list[float]) -> float | None:
+    """Sample standard deviation of the last :data:`NOISE_VALIDATIONS` finite values; None below two."""
+    last = [v for v in values if math.isfinite(v)][-NOISE_VALIDATIONS:]
+    if len(last) < 2:
+        return None
+    mean = sum(last) / len(last)
+    return math.sqrt(sum((v - mean) ** 2 for v in last) / (len(last) - 1))
+
+
+@dataclass
+class Lead:
+    """The best job's lead over the runner-up.
+
+    Attributes:
+        best, runner_up: the two best jobs that reported the metric.
+        margin: ``|best - runner_up|`` of the metric.
+        noise: the validation noise the margin is compared with; None when it cannot be told.
+        source: ``"stated"`` (the ``noise`` option), ``"repeated"`` (the spread of each job's last
+            :data:`NOISE_VALIDATIONS` validations, combined for a difference of two) or ``"none"``
+            (a job validated only once and no noise was stated).
+    """
+
+    best: JobResult
+    runner_up: JobResult
+    margin: float
+    noise: float | None
+    source: str
+
+    @property
+    def within_noise(self) -> bool | None:
+        """Whether the margin does not exceed the noise (the sweep does not separate the two); None when
+        the noise is unknown."""
+        return None if self.noise is None else self.margin <= self.noise
 
 
 def _job_number(job_dir: Path, sweep_dir: Path) -> str:
@@ -122,9 +182,12 @@ def find_jobs(sweep_dir: str | Path) -> list[Path]:
     return sorted(jobs, key=lambda p: natural_key(p.relative_to(sweep_dir).as_posix()))
 
 
-def _read_csv_metrics(path: Path) -> dict[str, tuple[int, float]]:
-    """Last non-empty value per column of a Lightning ``metrics.csv``, with its row order as the step."""
-    out: dict[str, tuple[int, float]] = {}
+History = dict[str, dict[int, float]]  # metric -> {step: value}
+
+
+def _read_csv_metrics(path: Path) -> History:
+    """Every non-empty value per column of a Lightning ``metrics.csv`` by step (row order when no step)."""
+    out: History = {}
     with open(path, newline="") as f:
         for i, row in enumerate(csv.DictReader(f)):
             step = int(float(row["step"])) if row.get("step") not in (None, "") else i
@@ -132,14 +195,15 @@ def _read_csv_metrics(path: Path) -> dict[str, tuple[int, float]]:
                 if key in ("step", "epoch") or text in (None, ""):
                     continue
                 try:
-                    out[key] = (step, float(text))
+                    out.setdefault(key, {})[step] = float(text)
                 except ValueError:
                     continue
     return out
 
 
-def _read_tensorboard_metrics(folder: Path) -> dict[str, tuple[int, float]]:
-    """Last value per scalar tag of the event files in ``folder`` (all files, so resumed runs count)."""
+def _read_tensorboard_metrics(folder: Path) -> History:
+    """Every value per scalar tag of the event files in ``folder`` by step (all files, so resumed runs
+    count; at a step logged twice, the later write wins)."""
     from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
     acc = EventAccumulator(str(folder), size_guidance={SCALARS: 0})  # 0 = keep every point
@@ -150,13 +214,28 @@ def _read_tensorboard_metrics(folder: Path) -> dict[str, tuple[int, float]]:
         acc.Reload()
     finally:
         tb_log.setLevel(level)
-    out: dict[str, tuple[int, float]] = {}
+    out: History = {}
     for tag in acc.Tags().get(SCALARS, []):
-        events = acc.Scalars(tag)
-        if events:
-            last = max(events, key=lambda e: (e.step, e.wall_time))
-            out[tag] = (int(last.step), float(last.value))
+        for event in sorted(acc.Scalars(tag), key=lambda e: (e.step, e.wall_time)):
+            out.setdefault(tag, {})[int(event.step)] = float(event.value)
     return out
+
+
+def read_logged_history(job_dir: str | Path) -> dict[str, list[float]]:
+    """Every value of every scalar a job logged, in step order, from its CSV logs and TensorBoard files.
+
+    Where both loggers logged a name at one step, the value read last (TensorBoard) wins; a metric logged
+    at several steps (e.g. ``val/psnr_1step`` at every validation) gives several values.
+    """
+    job_dir = Path(job_dir)
+    merged: History = {}
+    sources = [_read_csv_metrics(p) for p in sorted(job_dir.rglob("metrics.csv"))]
+    event_dirs = sorted({p.parent for p in job_dir.rglob("events.out.tfevents.*")})
+    sources += [_read_tensorboard_metrics(d) for d in event_dirs]
+    for source in sources:
+        for key, by_step in source.items():
+            merged.setdefault(key, {}).update(by_step)
+    return {k: [v for _, v in sorted(by_step.items())] for k, by_step in merged.items()}
 
 
 def read_logged_metrics(job_dir: str | Path) -> dict[str, float]:
@@ -166,18 +245,9 @@ def read_logged_metrics(job_dir: str | Path) -> dict[str, float]:
         job_dir: a run folder of ``train.py``.
 
     Returns:
-        ``{name: value}``; where both loggers have a name, the value with the later step wins.
+        ``{name: value}``: the value at the latest step, whichever logger wrote it.
     """
-    job_dir = Path(job_dir)
-    found: dict[str, tuple[int, float]] = {}
-    sources = [_read_csv_metrics(p) for p in sorted(job_dir.rglob("metrics.csv"))]
-    event_dirs = sorted({p.parent for p in job_dir.rglob("events.out.tfevents.*")})
-    sources += [_read_tensorboard_metrics(d) for d in event_dirs]
-    for source in sources:
-        for key, (step, value) in source.items():
-            if key not in found or step >= found[key][0]:
-                found[key] = (step, value)
-    return {k: v for k, (_, v) in found.items()}
+    return {k: values[-1] for k, values in read_logged_history(job_dir).items() if values}
 
 
 def read_job(job_dir: str | Path, sweep_dir: str | Path) -> JobResult:
@@ -196,7 +266,8 @@ def read_job(job_dir: str | Path, sweep_dir: str | Path) -> JobResult:
         result.error = data.get("error")
         rv = data.get("return_value")
         result.return_value = float(rv) if isinstance(rv, (int, float)) else None
-    result.metrics = read_logged_metrics(job_dir)
+    result.history = read_logged_history(job_dir)
+    result.metrics = {k: values[-1] for k, values in result.history.items() if values}
     return result
 
 
@@ -212,7 +283,9 @@ def resolve_mode(mode: Any) -> str:
     return _MODE_ALIASES[name]
 
 
-def build_summary(sweep_dir: str | Path, metric: str | None = None, mode: str = "max") -> SweepSummary:
+def build_summary(
+    sweep_dir: str | Path, metric: str | None = None, mode: str = "max", noise: float | None = None
+) -> SweepSummary:
     """Read every job of a multirun folder and sort them by ``metric``.
 
     Args:
@@ -220,6 +293,9 @@ def build_summary(sweep_dir: str | Path, metric: str | None = None, mode: str = 
         metric: the metric to sort by; None = the jobs' ``optimized_metric`` (they must agree).
         mode: ``"max"`` (higher is better, e.g. PSNR) or ``"min"`` (e.g. LPIPS); also ``"maximize"`` /
             ``"minimize"``.
+        noise: the validation noise of ``metric`` (e.g. 0.05 for a PSNR in dB): a best job that leads by
+            no more is reported as not separated; None = estimated from repeated validations
+            (:meth:`SweepSummary.lead`).
 
     Raises:
         SweepSummaryError: not a folder, no job folders, unknown mode, or no metric name.
@@ -228,6 +304,8 @@ def build_summary(sweep_dir: str | Path, metric: str | None = None, mode: str = 
     mode = resolve_mode(mode)
     if not sweep_dir.is_dir():
         raise SweepSummaryError(f"{sweep_dir} is not a folder")
+    if noise is not None and not (math.isfinite(noise) and noise >= 0):
+        raise SweepSummaryError(f"noise must be a finite number >= 0, got {noise!r}")
     job_dirs = find_jobs(sweep_dir)
     if not job_dirs:
         raise SweepSummaryError(f"no job folders (with .hydra/overrides.yaml) below {sweep_dir}")
@@ -258,4 +336,4 @@ def build_summary(sweep_dir: str | Path, metric: str | None = None, mode: str = 
     varying = [k for k, values in keys.items() if len(values) > 1]
     common = [o for o in jobs[0].overrides if override_key(o) not in varying]
     others = sorted({k for j in jobs for k in j.metrics if k.startswith("val/") and k != metric})
-    return SweepSummary(sweep_dir, metric, mode, rows, varying, common, others)
+    return SweepSummary(sweep_dir, metric, mode, rows, varying, common, others, noise)

@@ -156,3 +156,49 @@ def test_command_exit_codes(sweep: Path, tmp_path: Path, capsys: pytest.CaptureF
     for i in range(2):
         _job(done, i, [f"a={i}"], record={"status": "completed", "return_value": float(i)})
     assert sweeps.main([str(done)]) == 0
+
+
+def _validated(root: Path, num: int, psnrs: list[float]) -> None:
+    """A completed job whose CSV log holds one val/psnr_1step per validation, in step order."""
+    job = _job(root, num, [f"model.lpips_weight={num}"], record={"status": "completed"})
+    _csv_log(job, [{"step": 10 * (i + 1), "epoch": 0, "val/psnr_1step": v} for i, v in enumerate(psnrs)])
+
+
+def test_lead_within_the_spread_of_repeated_validations(tmp_path: Path) -> None:
+    """22.10 vs 22.05: a 0.05 lead, while each job's last 3 validations vary by ~0.1 (SD 0.1 each, 0.141
+    for the difference of two): not separated. The stated threshold overrides the estimate."""
+    root = tmp_path / "multirun"
+    _validated(root, 0, [20.0, 22.15, 21.95, 22.05])  # SD of the last 3: 0.1
+    _validated(root, 1, [21.0, 22.0, 22.2, 22.1])  # SD 0.1
+    summary = sweeps.build_summary(root)
+    lead = summary.lead()
+    assert (lead.best.job, lead.runner_up.job, lead.source) == ("1", "0", "repeated")
+    assert lead.margin == pytest.approx(0.05) and lead.noise == pytest.approx(0.1 * 2**0.5)
+    assert lead.within_noise
+    md = sweeps.summary_markdown(summary)
+    assert "Its lead over job 0 is 0.0500, within the validation noise 0.1414" in md
+    assert "the sweep does not separate jobs 1 and 0" in md
+
+    stated = sweeps.build_summary(root, noise=0.01)
+    assert stated.lead().source == "stated" and not stated.lead().within_noise
+    assert "Its lead over job 0 is 0.0500, above the stated validation noise 0.0100." in (
+        sweeps.summary_markdown(stated)
+    )
+    with pytest.raises(sweeps.SweepSummaryError, match="noise must be"):
+        sweeps.build_summary(root, noise=-1.0)
+
+
+def test_clear_lead_and_unknown_noise(tmp_path: Path) -> None:
+    root = tmp_path / "multirun"
+    _validated(root, 0, [21.0, 21.02, 21.01])
+    _validated(root, 1, [22.0, 22.02, 22.01])
+    md = sweeps.summary_markdown(sweeps.build_summary(root))
+    assert "Its lead over job 0 is 1.0000, above the validation noise 0.0141" in md
+    once = tmp_path / "once"  # one validation per job: no spread to compare with
+    _validated(once, 0, [21.0])
+    _validated(once, 1, [21.1])
+    summary = sweeps.build_summary(once)
+    assert summary.lead().noise is None and summary.lead().within_noise is None
+    assert "the validation noise is unknown" in sweeps.summary_markdown(summary)
+    assert sweeps.main([str(once), "--noise", "0.2"]) == 0
+    assert "within the stated validation noise 0.2000" in (once / "summary.md").read_text()
