@@ -241,6 +241,10 @@ def main(cfg: DictConfig) -> float | None:
         if result_file:
             write_job_result(result_file, error=f"{type(err).__name__}: {err}", exit_code=EXIT_ERROR)
         raise
+    finally:  # trackers (docs/tracking.md): each job ends its W&B run (failed when it raised), or the next
+        from invsr_pl.utils.logging import finish_trackers  # job of a multirun would log into it
+
+        finish_trackers(failed=sys.exc_info()[0] is not None)
     if result_file:
         write_job_result(result_file, metrics=metrics)
     return metric_value(metrics, cfg.get("optimized_metric"))

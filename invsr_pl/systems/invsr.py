@@ -306,6 +306,9 @@ class InvSRLitModule(L.LightningModule):
     def _log_step(self, batch_size: int) -> None:
         now = time.perf_counter()
         logs = {"train/skipped_steps": float(self.skipped_steps), "train/iteration": float(self.iteration)}
+        # "step" is the x-axis of every logger (Lightning's own is the batch count, one less than the
+        # iteration here); InvSR iterations label curves, grids and checkpoints alike (docs/tracking.md)
+        logs["step"] = float(self.iteration)
         for name, opt in zip(["lr_g", "lr_d"], self._optimizers(), strict=False):
             logs[f"train/{name}"] = opt.param_groups[0]["lr"]
         if self._last_step_time is not None:  # images/s over all ranks, from one iteration start to the next
@@ -315,6 +318,7 @@ class InvSRLitModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self.log("step", float(self.iteration), batch_size=1)  # curves at the iteration, as in _log_step
         srs = self._score_batch(batch, batch_idx, self.val_metrics, self.trainer.val_dataloaders, "val")
         if not srs:  # only padding of Lightning's DistributedSampler on this rank
             return

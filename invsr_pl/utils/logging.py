@@ -1,14 +1,20 @@
 """Rank-zero logging: a Python logger that only speaks on global rank zero, and hyper-parameter plus
-parameter-count logging to every Lightning logger of a Trainer (README.md#layout)."""
+parameter-count logging to every Lightning logger of a Trainer (README.md#layout, docs/tracking.md).
+
+Importing it installs the ``invsr.*`` config resolvers of ``conf/logger/*.yaml`` (``invsr_pl.utils.hparams``).
+"""
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import nn
+
+from invsr_pl.utils.hparams import flatten_config
 
 
 class _RankZeroFilter(logging.Filter):
@@ -42,37 +48,43 @@ def parameter_summary(model: nn.Module) -> dict[str, int]:
     return summary
 
 
-def _plain(cfg: Any) -> Any:
-    """OmegaConf containers -> plain dicts/lists (resolved); anything else as is."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - hydra-core is a dependency
-        return cfg
-    if isinstance(cfg, DictConfig | ListConfig):
-        return OmegaConf.to_container(cfg, resolve=True)
-    return cfg
-
-
 @rank_zero_only
 def log_hyperparameters(cfg: Mapping[str, Any] | Any, model: nn.Module, trainer: Any) -> dict[str, Any]:
     """Send the run configuration and the parameter counts to every logger of ``trainer`` (rank zero only).
 
     Args:
-        cfg: the composed Hydra config (``DictConfig``) or a plain mapping; logged as-is (resolved).
+        cfg: the composed Hydra config (``DictConfig``) or a plain mapping; logged resolved and flattened
+            (``model.optimizer_g.lr``), without secrets or the home folder (:func:`flatten_config`).
         model: the LightningModule; its parameter counts go under ``params/...``.
         trainer: the ``lightning.Trainer`` whose ``loggers`` receive ``log_hyperparams``.
 
     Returns:
         The dict that was logged (empty loggers still get nothing).
+
+    The counts go to the console at DEBUG level only (``hydra.verbose=invsr_pl``): the model summary printed
+    at fit start already shows them.
     """
-    hparams = dict(_plain(cfg) or {})
+    hparams = flatten_config(cfg or {})
     hparams.update(parameter_summary(model))
     for logger in getattr(trainer, "loggers", []):
         logger.log_hyperparams(hparams)
-    get_logger().info(
+    get_logger(__name__).debug(
         "parameters: %s",
         ", ".join(
             f"{k.removeprefix('params/')}={v:,}" for k, v in hparams.items() if k.startswith("params/")
         ),
     )
     return hparams
+
+
+def finish_trackers(failed: bool = False) -> None:
+    """End the process-wide W&B run, if one is open, so that the next job of a multirun (same process)
+    starts its own run: a new ``WandbLogger`` would otherwise reuse ``wandb.run`` and log every job into
+    the first one. MLflow runs need nothing: Lightning's ``MLFlowLogger.finalize`` ends each at teardown.
+
+    Args:
+        failed: mark the W&B run as failed (exit code 1) instead of finished.
+    """
+    wandb = sys.modules.get("wandb")  # never imported: no W&B run to end
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1 if failed else 0)

@@ -75,7 +75,7 @@ def test_image_logger_without_tensorboard(tmp_path: Path) -> None:
     trainer = L.Trainer(logger=CSVLogger(tmp_path), default_root_dir=tmp_path, enable_progress_bar=False)
     cb = ValidationImageLogger(max_images=2, output_dir=str(tmp_path))
     cb.on_validation_end(trainer, module)
-    assert cb.last_png is not None and cb.last_png.is_file() and cb.last_png.name == "iter_0000007.png"
+    assert cb.last_png is not None and cb.last_png.is_file() and cb.last_png.name == "iter_00000007.png"
     grid, cols = ValidationImageLogger.build_grid(module.last_val_images, max_images=2)
     assert cols == 4 and grid.shape == (3, 2 * 34 + 2, 4 * 34 + 2)
 
