@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TextTimeEmbedding, TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 - how diffusers pipelines find the loader
 from diffusers.models.unets.unet_2d_blocks import get_down_block, get_mid_block, get_up_block
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint

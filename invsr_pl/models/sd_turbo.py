@@ -137,7 +137,7 @@ def _not_found(model: str, reason: str) -> BackboneWeightsNotFound:
     )
 
 
-def _resolve_folder(model: str, revision: str | None, cache_dir: str | None) -> Path:
+def resolve_folder(model: str, revision: str | None, cache_dir: str | None) -> Path:
     """Local folder with the diffusers layout for ``model`` (a folder path or a hub id); never waits on the
     network when offline: the local cache is tried first, the hub only when it is not disabled."""
     path = Path(model).expanduser()
@@ -181,6 +181,15 @@ def encode_prompt(folder: Path, prompt: str, dtype: torch.dtype, device: torch.d
     enc_dtype = dtype if device.type == "cuda" else torch.float32
     text_encoder = CLIPTextModel.from_pretrained(str(folder), subfolder="text_encoder", dtype=enc_dtype)
     text_encoder.to(device).eval()
+    embeds = embed_prompt(tokenizer, text_encoder, prompt)
+    del text_encoder
+    return embeds.to(dtype)
+
+
+@torch.no_grad()
+def embed_prompt(tokenizer: Any, text_encoder: nn.Module, prompt: str) -> Tensor:
+    """``(1, 77, D)`` last hidden state of ``text_encoder`` (a CLIP text model) for ``prompt``, in the text
+    encoder's dtype on its device; padded to the tokenizer's length, no clip-skip (docs/conventions.md)."""
     ids = tokenizer(
         prompt,
         padding="max_length",
@@ -188,9 +197,8 @@ def encode_prompt(folder: Path, prompt: str, dtype: torch.dtype, device: torch.d
         truncation=True,
         return_tensors="pt",
     ).input_ids
-    embeds = text_encoder(ids.to(device))[0]  # last hidden state, no clip-skip (docs/conventions.md)
-    del text_encoder
-    return embeds.to(dtype)
+    device = next(text_encoder.parameters()).device
+    return text_encoder(ids.to(device))[0]
 
 
 class FrozenSDTurbo(nn.Module):
@@ -261,7 +269,7 @@ class FrozenSDTurbo(nn.Module):
         """
         target = torch.device(device) if device is not None else torch.device("cpu")
         weight_dtype = resolve_dtype(dtype, device)
-        folder = _resolve_folder(str(model), revision, cache_dir)
+        folder = resolve_folder(str(model), revision, cache_dir)
         try:
             unet = UNet2DConditionModel.from_pretrained(
                 str(folder), subfolder="unet", torch_dtype=weight_dtype
