@@ -246,3 +246,31 @@ def test_multirun_is_one_experiment_and_one_group(tmp_path: Path, offline_tracke
         assert run["run"].run_group == group
         assert list(run["run"].tags) == ["smoke", "tiny", "cpu", f"model.gan_weight={weight}"]
         assert run["config"]["model.gan_weight"] == float(weight)
+
+
+@pytest.mark.slow
+def test_evaluate_table_reaches_mlflow(tmp_path: Path, offline_trackers: None) -> None:
+    """``evaluate.py logger=mlflow``: the table's cells (per test set, row and metric) are metrics of a run in
+    the ``evaluate`` experiment, next to the metrics.csv it writes."""
+    import csv
+
+    from mlflow.tracking import MlflowClient
+
+    cmd = [
+        sys.executable, "evaluate.py", "logger=mlflow", f"paths.log_dir={tmp_path / 'logs'}",
+        f"hydra.run.dir={tmp_path / 'out'}", "data.test_datasets.samples.num_images=2",
+        "data.test_datasets.samples.gt_size=64", "sampler.chopping_size=null", "warmup=0", "trainer=cpu",
+        "metrics=fidelity", f"metrics.weights_dir={tmp_path / 'no_weights'}",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/logs/mlflow/mlflow.db")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "evaluate"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    table = {r["Method"]: r for r in csv.DictReader((tmp_path / "out" / "metrics.csv").open())}
+    bicubic = run.data.metrics["test/samples/Bicubic/psnr"]
+    assert bicubic == pytest.approx(float(table["Bicubic"]["PSNR↑"]), abs=0.01)
+    assert any(
+        k.startswith("test/samples/") and k.endswith("/ssim") and "Bicubic" not in k for k in run.data.metrics
+    )
+    assert run.data.params["task_name"] == "evaluate"
