@@ -10,6 +10,8 @@ other work on a shared machine; on an idle machine wall <= CPU for these mostly 
   after start-up; ``start-up`` = total - per image.
 - ``import <module>``: the import of the modules the entry points import (``python -X importtime`` gives
   the breakdown by module).
+- ``invsr-demo --backbone tiny``: seconds from the start until its page answers (one run; ``--skip-demo``
+  leaves it out; needs the ``demo`` extra).
 
 Usage::
 
@@ -22,6 +24,7 @@ Machine noise matters: state the machine (cores, other load) with the figures.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import resource
 import shutil
@@ -55,6 +58,35 @@ def _wall(cmd: list[str], repeat: int) -> tuple[float, float]:
     return statistics.median(walls), statistics.median(cpus)
 
 
+def _demo_to_page(port: int, limit: float = 300.0) -> float:
+    """Wall seconds from starting ``invsr-demo --backbone tiny`` until ``http://127.0.0.1:port/`` answers."""
+    import urllib.request
+
+    exe = shutil.which("invsr-demo")
+    cmd = [exe] if exe else [sys.executable, "-m", "invsr_pl.cli.demo"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [*cmd, "--backbone", "tiny", "--port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        while time.perf_counter() - start < limit:
+            if proc.poll() is not None:
+                raise RuntimeError(f"invsr-demo exited {proc.returncode} before serving its page")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as reply:
+                    if reply.status == 200:
+                        return time.perf_counter() - start
+            except OSError:
+                time.sleep(0.25)
+        raise RuntimeError(f"invsr-demo served no page within {limit:.0f} s")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def _photo(path: Path, size: int) -> None:
     """A ``size``-px square crop of scikit-image's astronaut photo, written as PNG."""
     import numpy as np
@@ -76,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--copies", type=int, default=3, help="images in the per-image run (>= 2)")
     parser.add_argument("--size", type=int, default=176, help="side of the test photo (px)")
     parser.add_argument("--skip-imports", action="store_true", help="leave out the 'import <module>' rows")
+    parser.add_argument("--skip-demo", action="store_true", help="leave out invsr-demo's time to its page")
+    parser.add_argument("--port", type=int, default=7987, help="a free port for the demo")
     args = parser.parse_args(argv)
     if args.copies < 2:
         parser.error("--copies must be >= 2")
@@ -105,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     rows.append((f"{label}: total", total))
     rows.append((f"{label}: per image (after start-up)", per_image))
     rows.append((f"{label}: start-up", (total[0] - per_image[0], total[1] - per_image[1])))
+
+    if not args.skip_demo and importlib.util.find_spec("gradio") is not None:
+        page = _demo_to_page(args.port)  # CPU time: not measured (the server is stopped, not waited for)
+        rows.append(("invsr-demo --backbone tiny: time to its page", (page, float("nan"))))
 
     load = os.getloadavg()[0]
     print(f"# {os.cpu_count()} CPU(s), load average {load:.1f} at the end; median of {args.repeat} run(s)")
