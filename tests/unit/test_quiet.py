@@ -203,3 +203,22 @@ def test_bitsandbytes_kernel_warning_is_dropped_at_import() -> None:
     if "kernels-community" not in loud:
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not warn here")
     assert "kernels-community" not in stderr("")
+
+
+@pytest.mark.slow
+def test_smoke_training_run_is_quiet(tmp_path: Path) -> None:
+    """``train.py experiment=smoke`` as a user types it (with Lightning's default model summary back on):
+    none of the dropped lines, one copy of each Lightning line, and the lines that matter still there."""
+    root = Path(__file__).resolve().parents[2]
+    cmd = [
+        sys.executable, "train.py", "experiment=smoke", "trainer.enable_model_summary=true",
+        f"paths.log_dir={tmp_path}",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != quiet.VERBOSE_ENV}
+    run = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-3000:]
+    for dropped in ("💡 Tip", "Total Flops", "| FLOPs", "_execution_whitelist_", "kernels-community"):
+        assert dropped not in out, dropped
+    assert sum("GPU available:" in line for line in out.splitlines()) == 1, out
+    assert "Trainable params" in out and "Final validation:" in out and "Checkpoint:" in out
