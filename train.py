@@ -64,7 +64,7 @@ def _log_outputs(trainer: L.Trainer) -> None:
     """The last lines of a run (rank zero): its folder, checkpoint, validation images, TensorBoard command."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from invsr_pl.utils.logging import get_logger
+    from invsr_pl.utils.logging import get_logger, tracker_hints
 
     log = get_logger(__name__)
     log.info("Run folder: %s", trainer.default_root_dir)
@@ -81,6 +81,26 @@ def _log_outputs(trainer: L.Trainer) -> None:
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger) and Path(logger.log_dir).is_dir():
             log.info("TensorBoard: tensorboard --logdir %s", logger.log_dir)
+    for line in tracker_hints(trainer.loggers):  # MLflow / W&B: where the run is (docs/tracking.md)
+        log.info("%s", line)
+
+
+def _build(key: str, node: DictConfig) -> Any:
+    """``hydra.utils.instantiate(cfg.<key>)``; a constructor refusing its arguments is a setup error.
+
+    Hydra 1.3 wraps such errors in ``InstantiationException``; Hydra 1.4 passes the constructor's own
+    ``ValueError`` / ``TypeError`` through, which would otherwise read as an unexpected error (exit 1).
+    """
+    from hydra.errors import InstantiationException
+
+    from invsr_pl.launch.startup_checks import SetupError
+
+    try:
+        return hydra.utils.instantiate(node, _convert_="all")
+    except InstantiationException:
+        raise
+    except (ValueError, TypeError) as err:
+        raise SetupError(f"{key}: {type(err).__name__}: {err}") from err
 
 
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
@@ -117,9 +137,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     log.info("Instantiating datamodule <%s>", cfg.data._target_)
     # _convert_="all": plain lists/dicts reach the constructors, so saved hyper-parameters hold no OmegaConf
     # types and checkpoints load with torch.load(weights_only=True) (Lightning's default when resuming)
-    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data, _convert_="all")
+    datamodule: L.LightningDataModule = _build("data", cfg.data)
     log.info("Instantiating model <%s>", cfg.model._target_)
-    model: L.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
+    model: L.LightningModule = _build("model", cfg.model)
     model.provenance = training_provenance(cfg)  # recorded in every checkpoint (utils/provenance.py)
     check_checkpoint_fits(ckpt_path, model)  # Lightning's non-strict load would keep random weights
     callbacks = instantiate_callbacks(cfg.get("callbacks"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig
 
 from callbacks.ema import EMA_CHECKPOINT_KEY, NoisePredictorEMA
-from train import train
+from train import _log_outputs, train
 
 MakeCfg = Callable[..., DictConfig]
 
@@ -36,9 +37,22 @@ def _assert_run_outputs(run_dir: Path) -> dict[str, Any]:
     return ckpt
 
 
-def test_smoke_run(train_cfg: MakeCfg, tmp_path: Path) -> None:
+def _final_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "train"][-4:]
+
+
+def test_smoke_run(train_cfg: MakeCfg, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="train")
     metrics, objects = train(train_cfg("experiment=smoke", "test=true"))
     ckpt = _assert_run_outputs(tmp_path / "run")
+    run = tmp_path / "run"  # the run ends with where everything went
+    assert _final_lines(caplog) == [
+        f"Run folder: {run}",
+        f"Checkpoint: {run / 'checkpoints' / 'last.ckpt'}",
+        f"Validation images: {run / 'images' / 'val'}",
+        f"TensorBoard: tensorboard --logdir {objects['loggers'][0].log_dir}",
+    ]
+    assert Path(objects["loggers"][0].log_dir) == run / "tensorboard"
     assert objects["model"].iteration == 4
     assert math.isfinite(metrics["val/psnr_1step"])
     assert is_overridden("test_step", objects["model"])
@@ -57,6 +71,26 @@ def test_smoke_run(train_cfg: MakeCfg, tmp_path: Path) -> None:
         assert torch.equal(ema.ema[k], v)
     for k, v in objects["model"].noise_predictor.state_dict().items():
         assert torch.equal(v, ckpt["state_dict"][f"noise_predictor.{k}"])
+
+
+def test_fast_dev_run_names_no_checkpoint_it_did_not_write(
+    train_cfg: MakeCfg, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """debug=fdr: the checkpoint line names a file that exists, or says none was written; and a checkpoint
+    callback that remembers a path it never wrote (what fdr used to log) gives 'none written'."""
+    caplog.set_level(logging.INFO, logger="train")
+    _, objects = train(train_cfg("experiment=smoke", "debug=fdr"))
+    lines = _final_lines(caplog)
+    checkpoint = next(line for line in lines if line.startswith("Checkpoint: "))
+    written = checkpoint.removeprefix("Checkpoint: ")
+    assert written.startswith("none written") or Path(written).is_file(), checkpoint
+    assert not any(line.startswith("TensorBoard: ") for line in lines)  # fdr logs nothing
+
+    trainer = objects["trainer"]
+    trainer.checkpoint_callback.last_model_path = str(tmp_path / "never" / "last.ckpt")
+    caplog.clear()
+    _log_outputs(trainer)
+    assert "Checkpoint: none written (fast_dev_run saves none)" in _final_lines(caplog)
 
 
 def test_image_logger_without_tensorboard(tmp_path: Path) -> None:
@@ -162,23 +196,6 @@ def test_resume_matches_uninterrupted_run(train_cfg: MakeCfg, tmp_path: Path) ->
 
 
 # ---------------------------------------------------------------------------------------------- DDP
-class DumpRankWeights(L.Callback):
-    """Each rank saves its noise predictor, discriminator and EMA weights after training."""
-
-    def __init__(self, folder: str) -> None:
-        self.folder = folder
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        ema = next(c for c in trainer.callbacks if isinstance(c, NoisePredictorEMA))
-        state = {
-            "np": pl_module.noise_predictor.state_dict(),
-            "d": pl_module.discriminator.state_dict(),
-            "ema": ema.ema,
-            "iteration": pl_module.iteration,
-        }
-        torch.save(state, Path(self.folder) / f"rank{trainer.global_rank}.pt")
-
-
 @pytest.mark.slow
 def test_ddp_sim_ranks_stay_identical(train_cfg: MakeCfg, tmp_path: Path) -> None:
     dump = tmp_path / "ranks"
@@ -188,7 +205,7 @@ def test_ddp_sim_ranks_stay_identical(train_cfg: MakeCfg, tmp_path: Path) -> Non
         "trainer=ddp_sim",
         "model.max_iterations=3",
         "logger=csv",
-        f"+callbacks.dump._target_={__name__}.DumpRankWeights",
+        "+callbacks.dump._target_=rank_weights.DumpRankWeights",
         f"+callbacks.dump.folder={dump}",
     )
     train(cfg)
