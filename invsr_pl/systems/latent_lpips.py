@@ -13,8 +13,6 @@ Batches: ``{"ref", "p0", "p1": (B, 3, P, P) float32 in [0, 1], "judge": (B,) flo
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
@@ -365,29 +363,3 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path) -> Path:
     metric = LatentLPIPS(random_init=True, in_channels=int(in_channels), base_channels=int(base))
     metric.load_state_dict(weights, strict=True)
     return metric.save_weights(output)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m invsr_pl.systems.latent_lpips CKPT OUT.pth``. Exit codes: 0 written, 2 setup error."""
-    parser = argparse.ArgumentParser(
-        description="Export a trained latent LPIPS to vgg16_sdturbo_lpips.pth layout"
-    )
-    parser.add_argument(
-        "checkpoint", help="train.py checkpoint (e.g. logs/latent_lpips/runs/<time>/checkpoints/last.ckpt)"
-    )
-    parser.add_argument("output", help="weights file to write (e.g. weights/vgg16_latent_lpips.pth)")
-    args = parser.parse_args(argv)
-    if Path(args.output).exists():
-        print(f"error: {args.output} exists already; choose another name", file=sys.stderr)
-        return 2
-    try:
-        written = export_checkpoint(args.checkpoint, args.output)
-    except (OSError, ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {written}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
