@@ -4,11 +4,11 @@ No web framework here: the page (``invsr_pl.demo.app``) only turns form values i
 :meth:`Upscaler.upscale_file` / :meth:`Upscaler.upscale_batch` and shows what they return. Every request is
 costed from the image header and its settings and refused in one line when it exceeds the
 :class:`~invsr_pl.demo.budget.RequestBudget`, before any pixel is decoded; a running job obeys a
-:class:`~invsr_pl.demo.stopping.StopSwitch` (cancel, ``max_job_seconds``). Every image goes
-through :class:`~invsr_pl.sampling.sampler.InvSRSampler` exactly as in ``invsr-sr``: read with
-``read_image`` (EXIF orientation, ICC to sRGB, alpha and 16-bit kept), one generator per image seeded with the
-request's seed, alpha upscaled with plain bicubic and re-attached, written with ``write_image`` at the input's
-bit depth (docs/sampling.md).
+:class:`~invsr_pl.demo.stopping.StopSwitch` (cancel, ``max_job_seconds``). Every image is read
+with ``read_image`` (EXIF orientation, ICC to sRGB, alpha and 16-bit kept), super-resolved by
+:class:`~invsr_pl.pipelines.InvSRPipeline`, the project's one inference path (one generator per image seeded
+with the request's seed, alpha upscaled with plain bicubic and re-attached, the OOM fallback), and written
+with ``write_image`` at the input's bit depth (docs/sampling.md).
 """
 
 from __future__ import annotations
@@ -32,13 +32,14 @@ from invsr_pl.demo.budget import RequestBudget, RequestCost, request_cost
 from invsr_pl.demo.errors import RequestError, visitor_message
 from invsr_pl.demo.stopping import JobCancelled, JobTimeout, NetworkStops, StopSwitch
 from invsr_pl.models import timesteps as ts
+from invsr_pl.pipelines import InvSRPipeline
 from invsr_pl.sampling.color_fix import COLOR_FIX_METHODS
-from invsr_pl.sampling.oom import OutOfMemoryFallbackError, sample_with_fallback
+from invsr_pl.sampling.oom import OutOfMemoryFallbackError
 from invsr_pl.sampling.sampler import InvSRSampler
 from invsr_pl.utils.atomic import atomic_write
 from invsr_pl.utils.images import ImageReadError, read_image, resize_image, write_image
 
-__all__ = ["SEED_MAX", "BatchResult", "RequestError", "Result", "Settings", "Upscaler"]
+__all__ = ["SEED_MAX", "BatchResult", "RequestError", "Result", "Settings", "Upscaler", "batch_names"]
 
 _REQUEST_PREFIX = "req-"  # request folders under the work folder (pruned after keep_seconds)
 # torch.Generator.manual_seed takes seeds up to 2**64 - 1 (and wraps negatives); beyond that it overflows
@@ -130,14 +131,14 @@ class Result:
     """One super-resolved image.
 
     Attributes:
-        path: the exact output PNG (input bit depth, alpha kept), ``<stem>_x<scale>.png``.
+        path: the exact output PNG (input bit depth, alpha kept), named as ``invsr-sr`` names it by default:
+            ``<stem>.png``.
         before: 8-bit preview of the input, bicubic to the output size (or ``preview``'s size), for a
             before/after slider; None when previews were not asked for.
         after: the output at the preview size (``path`` itself when it is small enough); None likewise.
         input_size / output_size: (width, height) in pixels.
         bit_depth: 8 or 16; has_alpha: whether an alpha channel was carried through.
         timesteps: the user timesteps actually used; seconds: wall time from reading to the written file.
-        memory_note: how the out-of-memory fallback changed the chopping, or "" when it did not step in.
     """
 
     path: Path
@@ -150,7 +151,6 @@ class Result:
     timesteps: tuple[int, ...]
     settings: Settings
     seconds: float
-    memory_note: str = ""
 
     def describe(self) -> str:
         """One line: sizes, time and the settings used (for the page)."""
@@ -161,7 +161,7 @@ class Result:
         return (
             f"{w}x{h} -> {ow}x{oh} {kind} PNG in {self.seconds:.2f} s; {len(self.timesteps)} step(s) "
             f"(timesteps {steps}), {chop}, colour fix {s.color_fix}, seed {s.seed}"
-        ) + (f" ({self.memory_note})" if self.memory_note else "")
+        )
 
 
 @dataclass
@@ -179,6 +179,28 @@ class BatchResult:
         return f"{len(self.written)} of {total} image(s) super-resolved in {self.seconds:.1f} s" + (
             f"; {len(self.failed)} failed (listed below)" if self.failed else ""
         )
+
+
+def batch_names(paths: Sequence[Path]) -> list[str]:
+    """The output name of each file of a batch: ``invsr-sr``'s default rule, so ``<stem>.png``, and
+    ``<stem>_<ext>.png`` for every file whose stem others share with another extension (``a.jpg``,
+    ``a.png``); uploads of one name (from different folders) become ``<stem>_2.png``, ``<stem>_3.png`` ...
+    Names are compared case-insensitively (a zip is unpacked on such file systems too)."""
+    exts: dict[str, set[str]] = {}
+    for p in paths:
+        exts.setdefault(p.stem.casefold(), set()).add(p.suffix.lower())
+    names: list[str] = []
+    taken: set[str] = set()
+    for p in paths:
+        shared = len(exts[p.stem.casefold()]) > 1
+        stem = f"{p.stem}_{p.suffix.lstrip('.').lower()}" if shared else p.stem
+        name, n = f"{stem}.png", 1
+        while name.casefold() in taken:
+            n += 1
+            name = f"{stem}_{n}.png"
+        taken.add(name.casefold())
+        names.append(name)
+    return names
 
 
 class Upscaler:
@@ -239,6 +261,9 @@ class Upscaler:
         self.workdir = Path(tempfile.mkdtemp(prefix="invsr-demo-") if workdir is None else workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.keep_seconds = keep_seconds
+        # the one inference path (issue 19) on the loaded modules; a bar per image is noise in a server log
+        self.pipeline = InvSRPipeline.from_backbone(backbone, noise_predictor)
+        self.pipeline.set_progress_bar_config(disable=True)
         probe = InvSRSampler(backbone, noise_predictor, chopping_size=None)
         self.scale: int = probe.scale
         self.modulus: int = probe.modulus  # chopping sizes must be multiples of it
@@ -275,7 +300,9 @@ class Upscaler:
     # ------------------------------------------------------------------ requests
 
     def sampler(self, settings: Settings) -> InvSRSampler:
-        """The request's sampler (cheap: it holds references to the loaded networks)."""
+        """The sampler the request's settings describe: their check (:class:`RequestError` in one line), the
+        schedule and the chopping the cost is counted from. Cheap: it holds references to the networks;
+        the pipeline builds its own from the same settings."""
         try:
             return InvSRSampler(
                 self.backbone,
@@ -343,7 +370,8 @@ class Upscaler:
         previews: bool = True,
         stop: StopSwitch | None = None,
     ) -> Result:
-        """Super-resolve one image file into an exact PNG (``out_path`` or ``<new dir>/<stem>_x<s>.png``).
+        """Super-resolve one image file into an exact PNG (``out_path`` or ``<new dir>/<stem>.png``, the
+        ``invsr-sr`` default name).
 
         Args:
             stop: the job's switch (cancel, time limit); default: a fresh :meth:`new_switch`.
@@ -364,22 +392,26 @@ class Upscaler:
         except ImageReadError as err:
             raise RequestError(visitor_message(str(err))) from err  # "cannot read image <name>: why"
         if out_path is None:
-            out_path = self.new_request_dir() / f"{path.stem}_x{self.scale}.png"
+            out_path = self.new_request_dir() / f"{path.stem}.png"
         out_path = Path(out_path)
-        generator = torch.Generator(device=self.device).manual_seed(settings.seed)  # per image, as invsr-sr
-        requested = (sampler.chopping_size, sampler.chopping_batch)
         try:
-            # invsr-sr's fallback: on CUDA OOM halve the chopping batch, then the chopping size, and retry
+            # the one inference path (issue 19): a fresh generator per image seeded with the request's seed,
+            # the OOM fallback of invsr-sr (halve the chopping batch, then the size, and retry), alpha
+            # upscaled bicubic and re-attached
             with self._stops.watching(stop):
-                sr = sample_with_fallback(sampler, image[None], generator)[0]  # (3, s*h, s*w) in [0, 1]
+                out = self.pipeline(
+                    image if alpha is None else torch.cat([image, alpha]),
+                    num_inference_steps=None if settings.timesteps else settings.steps,
+                    timesteps=settings.timesteps,
+                    chopping_size=settings.chopping_size,
+                    chopping_batch_size=self.chopping_batch,
+                    color_fix=settings.color_fix,
+                    generator=settings.seed,
+                    output_type="pt",
+                ).images[0]  # (3 or 4, s*h, s*w) float32 in [0, 1], on the CPU
         except OutOfMemoryFallbackError as err:
             raise RequestError(f"{path.name}: {visitor_message(str(err))}") from err
-        memory_note = ""
-        if (sampler.chopping_size, sampler.chopping_batch) != requested:
-            chop = sampler.chopping_size or "none"
-            memory_note = f"out of memory: retried with chopping size {chop}, batch {sampler.chopping_batch}"
-        if alpha is not None:  # alpha: plain bicubic, clamped (no diffusion), as invsr-sr
-            alpha = resize_image(alpha.to(sr.device), sr.shape[-2:])
+        sr, alpha = (out, None) if alpha is None else (out[:3], out[3:])
         write_image(out_path, sr, alpha, bit_depth=bit_depth)
         before = after = None
         if previews:
@@ -396,7 +428,6 @@ class Upscaler:
             timesteps=tuple(sampler.timesteps),
             settings=settings,
             seconds=time.perf_counter() - start,
-            memory_note=memory_note,
         )
 
     def upscale_batch(
@@ -410,8 +441,8 @@ class Upscaler:
 
         Every file is checked first (header, size, budget: no decoding), so unreadable and over-budget
         files are listed before any work. ``progress(i, n, name)`` is called before file ``i`` (0-based)
-        of the ``n`` that passed. The PNGs are zipped as ``<stem>.png`` (``<stem>_2.png`` ... for repeated
-        stems) into ``invsr_x<scale>_results.zip``. ``stop`` (default: a fresh :meth:`new_switch`) covers the
+        of the ``n`` that passed. The PNGs are zipped under ``invsr-sr``'s names (:func:`batch_names`) into
+        ``invsr_x<scale>_results.zip``. ``stop`` (default: a fresh :meth:`new_switch`) covers the
         whole batch: past the time limit the running file and the rest are listed as failed and what was
         written is zipped.
 
@@ -433,19 +464,13 @@ class Upscaler:
         request_dir = self.new_request_dir()
         out_dir = request_dir / "results"
         out_dir.mkdir()
-        names: set[str] = set()
-        for i, path in enumerate(todo):
+        for i, (path, name) in enumerate(zip(todo, batch_names(todo), strict=True)):
             if progress is not None:
                 progress(i, len(todo), path.name)
-            name, n = f"{path.stem}.png", 1
-            while name in names:
-                n += 1
-                name = f"{path.stem}_{n}.png"
             try:
                 result.written.append(
                     self.upscale_file(path, settings, out_dir / name, previews=False, stop=stop)
                 )
-                names.add(name)
             except JobCancelled:
                 raise
             except JobTimeout as err:  # the batch's time is spent: the rest are not started

@@ -24,7 +24,7 @@ from PIL import Image
 
 from invsr_pl.cli import demo as demo_cli
 from invsr_pl.demo.budget import RequestBudget, request_cost
-from invsr_pl.demo.engine import SEED_MAX, RequestError, Settings, Upscaler
+from invsr_pl.demo.engine import SEED_MAX, RequestError, Settings, Upscaler, batch_names
 from invsr_pl.demo.errors import visitor_message
 from invsr_pl.demo.stopping import JobCancelled, JobTimeout, StopSwitch
 from invsr_pl.utils.images import write_image
@@ -159,6 +159,12 @@ def test_seed_range_and_odd_values_are_refused_in_one_line() -> None:
             Settings.from_form(chopping_size=bad)
     with pytest.raises(RequestError, match="1001 values given"):
         Settings.from_form(timesteps=",".join(["1"] * 1001))
+
+
+def test_outputs_are_named_as_invsr_sr_names_them() -> None:
+    # issue 24: <stem>.png by default; a stem shared across extensions keeps its extension, as in invsr-sr
+    paths = [Path(p) for p in ("in/a.jpg", "in/a.PNG", "x/b.png", "y/b.png", "y/B.png", "c.webp")]
+    assert batch_names(paths) == ["a_jpg.png", "a_png.png", "b.png", "b_2.png", "B_3.png", "c.png"]
 
 
 def test_visitor_messages_keep_file_names_only() -> None:
@@ -328,3 +334,26 @@ def test_an_unexpected_error_names_its_type_only(
     message = _app_error(client, handle_file(_image(tmp_path / "a.png", 8, 8)))
     assert message == "internal error (TypeError); the server log has the details"
     assert "secret/engine.py" in caplog.text  # the details are on the server, not on the page
+
+
+def test_a_job_cancelled_by_its_client_stops(
+    served: Served, client, slow_unet: CallCounter, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gradio_client import handle_file
+    from gradio_client.utils import Status
+
+    caplog.set_level(logging.INFO, logger="invsr_pl.demo")
+    job = client.submit(
+        handle_file(_image(tmp_path / "slow.png", 256, 256)), chopping_size=16, api_name="/upscale"
+    )
+    deadline = time.monotonic() + 40
+    while slow_unet.calls == 0 and time.monotonic() < deadline:  # running, not just queued
+        time.sleep(0.1)
+    assert job.status().code in (Status.PROCESSING, Status.ITERATING) or slow_unet.calls > 0
+    job.cancel()  # gradio_client's /cancel
+    while "job cancelled" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "job cancelled" in caplog.text
+    calls = slow_unet.calls
+    time.sleep(4 * SLOW_S)
+    assert slow_unet.calls <= calls + 1 < 121
