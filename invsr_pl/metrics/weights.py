@@ -18,14 +18,20 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from invsr_pl.utils.offline import hub_offline
 
-if TYPE_CHECKING:
-    from invsr_pl.metrics.factory import MetricSpec
+
+class MetricSpecLike(Protocol):
+    """What :func:`required_weights` reads of a ``factory.MetricSpec`` (a protocol, not an import: factory
+    imports this module, and the layers allow no cycle, not even under ``TYPE_CHECKING``)."""
+
+    backend: str
+    name: str
+    options: dict[str, Any]
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -85,7 +91,7 @@ def _hf_file(repo_id: str, filename: str) -> WeightFile:
     return WeightFile(filename, folder, f"https://huggingface.co/{repo_id}/resolve/main/{filename}", hint)
 
 
-def required_weights(spec: MetricSpec, root: Path) -> list[WeightFile]:
+def required_weights(spec: MetricSpecLike, root: Path) -> list[WeightFile]:
     """Files constructing ``spec`` would load, resolved as pyiqa 0.1.16 / lpips 0.1.4 resolve them.
 
     Args:
