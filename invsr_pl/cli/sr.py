@@ -4,57 +4,95 @@ Examples::
 
     invsr-sr photo.jpg -o out/ --noise-predictor noise_predictor_sd_turbo_v5.pth
     invsr-sr -i in/ -o out/ --backbone /models/sd-turbo --noise-predictor runs/x/np --steps 3
-    invsr-sr in/ -o out/ --noise-predictor np.pth --outscale 2     # the x4 result resized to x2
+    invsr-sr in/ -o out/ --noise-predictor np.pth -s 2 --suffix x2 --ext jpg  # x4 resized to x2, a_x2.jpg
     invsr-sr inputs/ -o out/ --backbone tiny        # offline smoke run with tiny networks
 
-Every input ``<name>.<ext>`` becomes ``<out>/<name>.png`` at exactly the model's scale (or ``--outscale``)
-times its size; alpha is upscaled and re-attached; 16-bit and float inputs give 16-bit PNGs.
+Names (:func:`output_name`, the demo uses the same rule): every input ``<stem>.<ext>`` becomes
+``<out>/<stem>[_<suffix>].<format>``, by default ``<stem>.png``; ``--ext auto`` keeps the input's format.
+Inputs that share a stem (``a.jpg``, ``a.png``) are all written as ``<stem>_<input ext>...`` (said on stderr);
+the frames of a multi-page TIFF or animated image as ``<stem>_p<k>...`` (k from 1). An output that would
+replace an input, or two outputs on one name, stop the run before any work. Existing outputs that are not
+inputs are replaced. Files are written atomically: an interrupted run leaves no half-written image. The size
+is exactly the model's scale (or ``--outscale``) times the input's; alpha is upscaled and re-attached; 16-bit
+and float inputs give 16-bit PNG/TIFF outputs (jpg and webp are 8-bit).
 
-Names: inputs that share a stem (``a.jpg``, ``a.png``) are all written as ``<stem>_<ext>.png`` (said on
-stderr); the frames of a multi-page TIFF or animated image as ``<stem>_p<k>.png`` (k from 1). An output
-that would replace an input, or two outputs on one name, stop the run before any work. Existing outputs that
-are not inputs are replaced. Files are written atomically: an interrupted run leaves no half-written image.
+Exit codes: 0 all written; 1 some inputs failed (each named on stderr with the reason: corrupt files,
+symlink loops, images above ``--max-megapixels``, decompression bombs); 2 setup error (bad arguments, ``-o``
+an existing file or a folder that cannot be written, name clashes, weights missing or unreadable, a backbone
+other than the recorded one), before any model is loaded or image processed; 130 interrupted (Ctrl-C): the
+finished outputs are kept. Files that are not images are listed as ignored.
 
-Exit codes: 0 all written; 1 some inputs failed (each named on stderr with the reason, e.g. corrupt files,
-symlink loops); 2 setup error (bad arguments, ``-o`` an existing file, name clashes, weights missing or
-unreadable), before any image is processed. Files that are not images are listed as ignored.
+Start-up: torch, diffusers and the models are imported only once the run needs them, so ``--help`` and the
+argument and folder checks answer in about a second.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
+import re
 import sys
+import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from invsr_pl.sampling.color_fix import COLOR_FIX_METHODS
 from invsr_pl.utils.images import (
     IMAGE_EXTENSIONS,
+    ImageInfo,
     ImageReadError,
-    count_frames,
+    ImageTooLargeError,
     list_images,
-    read_image,
-    resize_image,
-    write_image,
+    probe_image,
 )
 
-__all__ = ["DEFAULT_SEED", "SetupError", "add_model_arguments", "build_models", "build_parser", "main"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DEFAULT_BACKBONE",
+    "DEFAULT_SEED",
+    "SetupError",
+    "add_model_arguments",
+    "build_models",
+    "build_parser",
+    "main",
+    "output_name",
+]
 
 DEFAULT_SEED = 12345  # the official sample-sd-turbo.yaml seed (docs/sampling.md)
-TINY = "tiny"
+DEFAULT_BACKBONE = "stabilityai/sd-turbo"
+TINY, TINY_TRAINED, SD_TURBO_RANDOM = "tiny", "tiny_trained", "sd_turbo_random"
+# = invsr_pl.sampling.color_fix.COLOR_FIX_METHODS, spelled out so that --help does not import torch (a unit
+# test keeps the two equal)
+COLOR_FIX_CHOICES = ("none", "wavelet", "ycbcr", "adain")
+EXT_CHOICES = ("auto", "png", "jpg", "webp")  # Real-ESRGAN's --ext (plus webp)
+DEFAULT_MAX_MEGAPIXELS = 100.0  # of input: 100 MP is a 1.6-gigapixel x4 output; a 40000^2 bomb is 1600 MP
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 # bitsandbytes (imported by diffusers / pyiqa) warns on every import on CPUs without its optional kernels
 _NOISY_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+_DOWNLOAD_HINT = (
+    f"download it once where the Hugging Face hub is reachable (`hf download {DEFAULT_BACKBONE} "
+    "--local-dir weights/sd-turbo`) and pass --backbone weights/sd-turbo"
+)
 
 
 class SetupError(Exception):
     """Arguments or models that make the whole run impossible (exit code 2)."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one (not ``None``, ``False`` or an empty string)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def _quiet_dependencies() -> None:
@@ -66,19 +104,26 @@ def _quiet_dependencies() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def _timesteps(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers like 200,100,50, got {text!r}"
-        ) from err
-    from invsr_pl.models.timesteps import validate_timesteps
+# ---------------------------------------------------------------------------------------------- arguments
+class _TimestepsAction(argparse.Action):
+    """``-t 200 100 50`` (the official script's form) or ``--timesteps 200,100,50``; both may mix."""
 
-    try:
-        return validate_timesteps(values)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        tokens = [v for value in values for v in value.replace(",", " ").split()]
+        try:
+            steps = [int(v) for v in tokens]
+        except ValueError:
+            raise argparse.ArgumentError(
+                self,
+                f"expected integers like 200 100 50 or 200,100,50, got {' '.join(values)!r} "
+                "(give INPUT before the timesteps, or use -i/--input)",
+            ) from None
+        from invsr_pl.models.timesteps import validate_timesteps
+
+        try:
+            setattr(namespace, self.dest, validate_timesteps(steps))
+        except ValueError as err:
+            raise argparse.ArgumentError(self, str(err)) from None
 
 
 def _outscale(text: str) -> float:
@@ -91,15 +136,33 @@ def _outscale(text: str) -> float:
     return value
 
 
+def _megapixels(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a number of megapixels like 100, got {text!r}") from err
+    if math.isnan(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"--max-megapixels must be >= 0 (0 or inf: no limit), got {text!r}")
+    return value
+
+
+def _suffix(text: str) -> str:
+    if os.sep in text or (os.altsep and os.altsep in text) or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"--suffix must be part of a file name, got {text!r}")
+    return text
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model options shared by ``invsr-sr`` and ``invsr-demo`` (read back by :func:`build_models`):
-    ``--backbone``, ``--noise-predictor``, ``--device``, ``--dtype``, ``--revision``, ``--cache-dir``,
-    ``--compile``."""
+    ``--backbone``, ``--noise-predictor``, ``--allow-backbone-mismatch``, ``--device``, ``--dtype``,
+    ``--revision``, ``--cache-dir``, ``--compile``."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--backbone",
-        default="stabilityai/sd-turbo",
-        help="SD-Turbo hub id or local diffusers folder, or 'tiny' (tiny networks, offline smoke)",
+        default=None,
+        help=f"SD-Turbo hub id or local diffusers folder, or '{TINY}' (tiny networks, offline smoke), "
+        f"'{TINY_TRAINED}', '{SD_TURBO_RANDOM}'; default: the one recorded with --noise-predictor (train.py "
+        f"checkpoints and exports record it), else {DEFAULT_BACKBONE}",
     )
     group.add_argument("--revision", default=None, help="hub revision of the backbone")
     group.add_argument("--cache-dir", default=None, help="Hugging Face cache folder")
@@ -110,6 +173,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="exported folder, .safetensors, a train.py .ckpt (EMA), or an official .pth "
         "(noise_predictor_sd_turbo_v5.pth)",
     )
+    group.add_argument(
+        "--allow-backbone-mismatch",
+        action="store_true",
+        help="use --backbone even when the noise predictor records that it was trained with another one",
+    )
     group.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, mps")
     group.add_argument(
         "--dtype", default="auto", help="backbone weights: auto (fp16 on CUDA), float32, float16, bfloat16"
@@ -119,42 +187,119 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_compatibility_flags(parser: argparse.ArgumentParser) -> None:
+    """Spellings users bring from Real-ESRGAN's ``inference_realesrgan.py`` and InvSR's official
+    ``inference_invsr.py``: each sets the same value as the flag it names (no default of its own)."""
+    group = parser.add_argument_group(
+        "compatibility flags",
+        "spellings of Real-ESRGAN's and the official InvSR inference scripts; each is the flag it names",
+    )
+    same = {"default": argparse.SUPPRESS}
+    group.add_argument(
+        "--tile", dest="chopping_size", type=int, help="= --chopping-size (Real-ESRGAN)", **same
+    )
+    fp32 = {"action": "store_const", "const": "float32", "help": "= --dtype float32 (Real-ESRGAN)"}
+    group.add_argument("--fp32", dest="dtype", **fp32, **same)
+    group.add_argument("--in_path", dest="input_option", type=Path, help="= -i/--input (InvSR)", **same)
+    group.add_argument("--out_path", dest="output", type=Path, help="= -o/--output (InvSR)", **same)
+    group.add_argument("--num_steps", dest="steps", type=int, help="= --steps (InvSR)", **same)
+    group.add_argument(
+        "--chopping_size", dest="chopping_size", type=int, help="= --chopping-size (InvSR)", **same
+    )
+    group.add_argument(
+        "--chopping_bs", dest="chopping_batch", type=int, help="= --chopping-batch (InvSR)", **same
+    )
+    choices = (*COLOR_FIX_CHOICES, "")
+    group.add_argument("--color_fix", choices=choices, help="= --color-fix, '' none (InvSR)", **same)
+    group.add_argument("--sd_path", dest="backbone", help="= --backbone (InvSR)", **same)
+    group.add_argument(
+        "--started_ckpt_path", dest="noise_predictor", type=Path, help="= --noise-predictor (InvSR)", **same
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="invsr-sr",
         description="InvSR super-resolution of an image or a folder of images (png, jpg, bmp, webp, tif). "
-        "Exit codes: 0 all written, 1 some inputs failed (named), 2 setup error.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "Exit codes: 0 all written, 1 some inputs failed (named), 2 setup error, 130 interrupted.",
+        formatter_class=_HelpFormatter,
     )
     p.add_argument(
         "input", type=Path, nargs="?", default=None, help="an image file or a folder (non-recursive)"
     )
     p.add_argument("-i", "--input", type=Path, dest="input_option", default=None, help="same as INPUT")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output folder; writes <stem>.png")
-    steps = p.add_mutually_exclusive_group()
-    steps.add_argument("--steps", type=int, default=1, help="number of steps, paper schedule (1-5, more ok)")
-    steps.add_argument(
-        "--timesteps", type=_timesteps, default=None, help="descending user timesteps, e.g. 200,100"
+    p.add_argument(
+        "-o", "--output", type=Path, default=None, help="output folder (required); writes <stem>.png"
     )
     p.add_argument(
+        "--steps", type=int, default=None, help="number of steps, paper schedule (1-5, more ok); default 1"
+    )
+    p.add_argument(
+        "-t",
+        "--timesteps",
+        nargs="+",
+        action=_TimestepsAction,
+        default=None,
+        metavar="T",
+        help="descending user timesteps, space- or comma-separated: -t 200 100 or --timesteps 200,100",
+    )
+    p.add_argument(
+        "-s",
         "--outscale",
         type=_outscale,
         default=None,
         help="final scale: the model's result resized (bicubic, antialiased) to this factor; default: the "
         "model's own scale",
     )
+    p.add_argument("--suffix", type=_suffix, default="", help="appended to output names: <stem>_<suffix>.png")
+    p.add_argument(
+        "--ext",
+        choices=EXT_CHOICES,
+        default="png",
+        help="output format; auto: the input's own (png for alpha in jpg/bmp inputs); jpg and webp are "
+        "8-bit, jpg cannot hold alpha (such images are written as png)",
+    )
     p.add_argument(
         "--chopping-size", type=int, default=128, help="LR patch size (multiple of 16); 0: no chopping"
     )
     p.add_argument("--chopping-batch", type=int, default=8, help="patches per network call")
-    p.add_argument("--color-fix", choices=COLOR_FIX_METHODS, default="none", help="colour correction")
+    p.add_argument("--color-fix", choices=COLOR_FIX_CHOICES, default="none", help="colour correction")
+    p.add_argument(
+        "--max-megapixels",
+        type=_megapixels,
+        default=DEFAULT_MAX_MEGAPIXELS,
+        help="largest input (width x height / 1e6, read from the header before decoding); larger ones fail "
+        "by name, the others are written; 0 or inf: no limit",
+    )
     add_model_arguments(p)
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of each image's noise draws")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_compatibility_flags(p)
     return p
 
 
+def _settle(args: argparse.Namespace) -> None:
+    """Cross-flag checks and the values the aliases may leave unset."""
+    if args.output is None:
+        raise SetupError("no output folder: pass -o/--output")
+    if args.timesteps is not None and args.steps is not None and args.steps != len(args.timesteps):
+        raise SetupError(
+            f"--steps {args.steps} disagrees with the {len(args.timesteps)} timesteps given; give one of them"
+        )
+    if args.steps is not None and args.steps < 1:
+        raise SetupError(f"--steps must be >= 1, got {args.steps}")
+    args.steps = args.steps or 1
+    args.color_fix = args.color_fix or "none"  # the official script's '' means no fix
+    if args.chopping_size < 0 or args.chopping_batch < 1:
+        raise SetupError("--chopping-size must be >= 0 and --chopping-batch >= 1")
+    mp = args.max_megapixels
+    args.max_pixels = None if mp == 0 or math.isinf(mp) else max(1, int(mp * 1e6))
+
+
+# ---------------------------------------------------------------------------------------------- models
 def _device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -174,10 +319,73 @@ def _load_noise_predictor(path: Path):  # -> NoisePredictor
     except FileNotFoundError as err:
         raise SetupError(str(err)) from err
     except (OSError, RuntimeError, ValueError, KeyError) as err:  # WeightFileError is a ValueError
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise SetupError(
-            message if str(path) in message else f"cannot load the noise predictor {path}: {message}"
-        ) from None
+        raise SetupError(_one_line(err, path, "cannot load the noise predictor")) from None
+
+
+def _one_line(err: Exception, path: Path, what: str) -> str:
+    message = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return message if str(path) in message else f"{what} {path}: {message}"
+
+
+def _provenance(args: argparse.Namespace) -> dict[str, Any] | None:
+    """What ``--noise-predictor`` records about its training (None: nothing recorded, e.g. official .pth)."""
+    if args.noise_predictor is None:
+        return None
+    from invsr_pl.utils.provenance import read_provenance
+
+    try:
+        return read_provenance(args.noise_predictor)
+    except FileNotFoundError as err:
+        raise SetupError(str(err)) from err
+    except (OSError, RuntimeError, ValueError, KeyError) as err:
+        raise SetupError(_one_line(err, args.noise_predictor, "cannot read the noise predictor")) from None
+
+
+def _choose_backbone(args: argparse.Namespace, provenance: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Set ``args.backbone`` (and ``args.revision``) to the backbone to load; return the recorded backbone
+    config when the one chosen is the one recorded (so the tiny twins are rebuilt exactly as trained).
+
+    No ``--backbone``: the recorded one, else :data:`DEFAULT_BACKBONE`. A different one than recorded is a
+    setup error unless ``--allow-backbone-mismatch`` (docs/checkpoints.md).
+    """
+    recorded = (provenance or {}).get("backbone") or None
+    if args.backbone is None:
+        if recorded is None:
+            args.backbone = DEFAULT_BACKBONE
+            return None
+        args.backbone = str(recorded["name"])
+        args.revision = args.revision or recorded.get("revision")
+        print(
+            f"using the backbone {args.backbone!r} recorded with {args.noise_predictor} (no --backbone)",
+            file=sys.stderr,
+        )
+        return recorded.get("config")
+    if recorded is None:
+        return None
+    from invsr_pl.utils.provenance import BackboneMismatchError, check_backbone
+
+    try:
+        check_backbone(
+            provenance,
+            args.backbone,
+            args.revision,
+            weights=args.noise_predictor,
+            requested_as=f"--backbone {args.backbone}",
+            accept_hint="pass --allow-backbone-mismatch",
+        )
+    except BackboneMismatchError:
+        have = str(recorded["name"]) + (f"@{recorded['revision']}" if recorded.get("revision") else "")
+        message = (
+            f"{args.noise_predictor} was trained with the backbone {have!r}, not {args.backbone!r} "
+            "(--backbone): its outputs would mean nothing"
+        )
+        if not args.allow_backbone_mismatch:
+            raise SetupError(
+                f"{message}; drop --backbone to use {have!r}, or pass --allow-backbone-mismatch"
+            ) from None
+        print(f"warning: {message} (running anyway: --allow-backbone-mismatch)", file=sys.stderr)
+        return None
+    return recorded.get("config")
 
 
 def _tiny_backbone(seed: int, dtype: str):  # -> (FrozenSDTurbo, note)
@@ -193,8 +401,72 @@ def _tiny_backbone(seed: int, dtype: str):  # -> (FrozenSDTurbo, note)
     return build_tiny_sd_turbo(seed=seed, dtype=dtype), "a random tiny SD-Turbo twin"
 
 
+def _recorded_int(config: dict[str, Any] | None, key: str, default: int) -> int:
+    value = (config or {}).get(key)
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+
+
+def _builtin_backbone(args: argparse.Namespace, dtype: str, config: dict[str, Any] | None):
+    """``(FrozenSDTurbo, note)`` of the built-in backbones (``tiny``, ``tiny_trained``, ``sd_turbo_random``);
+    a recorded ``config`` gives its seed / width / weight file (plain values only: no ``_target_`` from a
+    file is ever instantiated)."""
+    if args.backbone == TINY_TRAINED:
+        from invsr_pl.models.tiny_trained import load_tiny_trained_sd_turbo
+
+        weights = (config or {}).get("weights_path")
+        try:
+            backbone = load_tiny_trained_sd_turbo(dtype=dtype, weights_path=weights)
+        except FileNotFoundError as err:
+            raise SetupError(str(err)) from err
+        return backbone, "the tiny trained SD-Turbo twin"
+    if args.backbone == SD_TURBO_RANDOM:
+        from invsr_pl.models.sd_turbo import FrozenSDTurbo
+
+        seed = _recorded_int(config, "seed", 0)
+        return FrozenSDTurbo.random_sd_turbo(
+            seed=seed, dtype=dtype
+        ), "SD-Turbo's architecture, random weights"
+    if config is not None:  # trained against the random tiny twin: rebuild exactly that one
+        from invsr_pl.models.tiny import build_tiny_sd_turbo
+
+        seed, width = _recorded_int(config, "seed", 0), _recorded_int(config, "cross_attention_dim", 32)
+        return build_tiny_sd_turbo(seed=seed, dtype=dtype, cross_attention_dim=width), "the random tiny twin"
+    return _tiny_backbone(getattr(args, "seed", DEFAULT_SEED), dtype)
+
+
+def _hub_backbone(args: argparse.Namespace, device: torch.device):  # -> FrozenSDTurbo
+    from invsr_pl.models.sd_turbo import BackboneWeightsNotFound, FrozenSDTurbo
+
+    try:
+        return FrozenSDTurbo.from_pretrained(
+            args.backbone,
+            dtype=args.dtype,
+            revision=args.revision,
+            cache_dir=args.cache_dir,
+            device=str(device),
+        )
+    except BackboneWeightsNotFound as err:
+        raise SetupError(_backbone_missing(args.backbone, str(err))) from None
+    except FileNotFoundError as err:
+        raise SetupError(str(err)) from err
+
+
+def _backbone_missing(name: str, message: str) -> str:
+    """The backbone's missing-weights message in this command's terms: the ``--backbone`` flag and the
+    installed ``hf`` command, not a Hydra key (the model's own message speaks to the configs)."""
+    reason = re.search(r"could not be loaded: (.*?)\. Download", message)
+    layout = re.search(r"(The folder must have the diffusers layout: .*)$", message)
+    text = f"SD-Turbo weights for {name!r} could not be loaded"
+    text += f": {reason.group(1)}" if reason else ""
+    text += f"; {_DOWNLOAD_HINT}."
+    return text + (f" {layout.group(1)}" if layout else "")
+
+
 def build_models(args: argparse.Namespace):  # -> (FrozenSDTurbo, NoisePredictor, smoke, torch.device)
     """Load (or, in smoke mode, build) the models named by :func:`add_model_arguments`'s options.
+
+    Without ``--backbone`` the backbone recorded with the noise predictor is used (else
+    :data:`DEFAULT_BACKBONE`), and ``args.backbone`` is set to the one loaded.
 
     Returns:
         ``(backbone, noise_predictor, smoke, device)``: the frozen backbone on ``device`` in the requested
@@ -202,45 +474,43 @@ def build_models(args: argparse.Namespace):  # -> (FrozenSDTurbo, NoisePredictor
         SR factor), whether these are untrained smoke-mode networks, and the resolved device.
 
     Raises:
-        SetupError: unknown device, missing/unreadable weights; the message is one line for the user.
+        SetupError: unknown device, missing/unreadable weights, a backbone other than the recorded one; the
+            message is one line for the user.
     """
     _quiet_dependencies()
-    from invsr_pl.models.sd_turbo import FrozenSDTurbo, resolve_dtype
+
+    from invsr_pl.models.sd_turbo import resolve_dtype
     from invsr_pl.models.tiny import tiny_noise_predictor
 
     device = _device(args.device)
     seed = getattr(args, "seed", DEFAULT_SEED)
-    dtype = resolve_dtype(args.dtype, device)
-    smoke = args.backbone == TINY and args.noise_predictor is None
-    if args.backbone != TINY and args.noise_predictor is None:
+    try:
+        dtype = resolve_dtype(args.dtype, device)
+    except ValueError as err:
+        raise SetupError(str(err)) from None
+    recorded_config = _choose_backbone(args, _provenance(args))
+    builtin = args.backbone in (TINY, TINY_TRAINED, SD_TURBO_RANDOM)
+    smoke = args.backbone in (TINY, TINY_TRAINED) and args.noise_predictor is None
+    if not builtin and args.noise_predictor is None:
         raise SetupError(
-            "--noise-predictor is required with a real backbone: download "
-            "noise_predictor_sd_turbo_v5.pth from huggingface.co/OAOA/InvSR "
-            "or pass a trained/exported folder"
+            "--noise-predictor is required with a real backbone: download noise_predictor_sd_turbo_v5.pth "
+            "(`hf download OAOA/InvSR noise_predictor_sd_turbo_v5.pth --local-dir weights`) and pass "
+            "--noise-predictor weights/noise_predictor_sd_turbo_v5.pth, or a trained/exported folder"
         )
     # the small noise predictor first: a wrong path fails before the multi-GB backbone is read
     if args.noise_predictor is not None:
         noise_predictor = _load_noise_predictor(args.noise_predictor)
     else:
         noise_predictor = tiny_noise_predictor(scale=4, seed=seed)
-    if args.backbone == TINY:
-        backbone, note = _tiny_backbone(seed, str(dtype).removeprefix("torch."))
+    if builtin:
+        backbone, note = _builtin_backbone(args, str(dtype).removeprefix("torch."), recorded_config)
         args.backbone_note = note
     else:
-        try:
-            backbone = FrozenSDTurbo.from_pretrained(
-                args.backbone,
-                dtype=args.dtype,
-                revision=args.revision,
-                cache_dir=args.cache_dir,
-                device=str(device),
-            )
-        except FileNotFoundError as err:  # BackboneWeightsNotFound carries the how-to message
-            raise SetupError(str(err)) from err
+        backbone = _hub_backbone(args, device)
     from invsr_pl.utils.compile import prepare_for_inference
 
     backbone = backbone.to(device)
-    noise_predictor = noise_predictor.to(device=device, dtype=torch.float32)
+    noise_predictor = noise_predictor.to(device).float()  # .to(dtype=) of a diffusers model warns
     # the noise predictor in the backbone's half dtype (docs/sampling.md#precision), NHWC on GPUs, and
     # optionally compiled per network
     prepare_for_inference(
@@ -253,6 +523,23 @@ def build_models(args: argparse.Namespace):  # -> (FrozenSDTurbo, NoisePredictor
 
 
 # ---------------------------------------------------------------------------------------------- the plan
+def output_name(stem: str, ext: str = "png", suffix: str = "", page: int | None = None) -> str:
+    """The file name an input gets: ``<stem>[_p<page>][_<suffix>].<ext>`` (``page`` counts from 1).
+
+    ``stem`` is the input's stem, or ``<stem>_<input ext>`` when inputs share a stem. The default is
+    ``<stem>.png``; ``invsr-demo`` names its downloads by the same rule.
+    """
+    name = stem + (f"_p{page}" if page is not None else "") + (f"_{suffix}" if suffix else "")
+    return f"{name}.{ext.lstrip('.')}"
+
+
+def _output_ext(src: Path, info: ImageInfo, ext: str) -> str:
+    """The output format of ``src``: ``--ext``, or for ``auto`` the input's own; png when the format
+    cannot hold the image's alpha channel (jpg, bmp)."""
+    chosen = src.suffix.lstrip(".").lower() if ext == "auto" else ext
+    return "png" if info.has_alpha and chosen in ("jpg", "jpeg", "bmp") else chosen
+
+
 @dataclass(frozen=True)
 class _Job:
     src: Path
@@ -263,7 +550,7 @@ class _Job:
 @dataclass
 class _Plan:
     jobs: list[_Job]
-    failed: list[tuple[Path, str]]  # inputs known bad before any work (symlink loops, unreadable headers)
+    failed: list[tuple[Path, str]]  # inputs known bad before any work (symlink loops, bombs, headers)
     ignored: list[Path]  # folder entries that are not images
     notes: list[str]  # renames the user should know about
 
@@ -302,37 +589,59 @@ def _scan(path: Path) -> tuple[list[Path], list[tuple[Path, str]], list[Path]]:
     raise SetupError(f"input {path} does not exist")
 
 
-def _plan(path: Path, out_dir: Path) -> _Plan:
-    """Every output name, decided and checked before any model is loaded."""
+def _reason(err: BaseException) -> str:
+    """One line for the failure list."""
+    text = str(err).splitlines()[0] if str(err) else ""
+    if isinstance(err, ImageTooLargeError) and "above the limit" in text:
+        return f"{text} (raise --max-megapixels; 0 = no limit)"
+    return text if isinstance(err, ImageReadError) and text else f"{type(err).__name__}: {text}".rstrip(": ")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _plan(
+    path: Path, out_dir: Path, *, ext: str = "png", suffix: str = "", max_pixels: int | None = None
+) -> _Plan:
+    """Every output name, decided and checked before any model is loaded; a file that cannot be planned
+    (unreadable header, too many pixels, a decompression bomb, any error) is a failure of its own."""
     images, failed, ignored = _scan(path)
-    frames: dict[Path, int] = {}
+    infos: dict[Path, ImageInfo] = {}
     for src in images:
         try:
-            frames[src] = count_frames(src)
-        except ImageReadError as err:
-            failed.append((src, str(err)))
+            infos[src] = probe_image(src, max_pixels)
+        except Exception as err:  # noqa: BLE001 - one bad file must not sink the batch (named at the end)
+            failed.append((src, _reason(err)))
     by_stem: dict[str, list[Path]] = defaultdict(list)
-    for src in frames:
+    for src in infos:
         by_stem[src.stem.casefold()].append(src)  # case-insensitive file systems: A.png == a.png
     notes, jobs = [], []
-    for src, n in frames.items():
+    for src, info in infos.items():
         shared = len(by_stem[src.stem.casefold()]) > 1
         stem = f"{src.stem}_{src.suffix.lstrip('.').lower()}" if shared else src.stem
+        out_ext = _output_ext(src, info, ext)
+        if out_ext != _output_ext(src, info._replace(has_alpha=False), ext):
+            notes.append(f"{src} has an alpha channel, which {ext} cannot hold: writing it as png")
+        n = info.frames
+        names = [output_name(stem, out_ext, suffix, k + 1 if n > 1 else None) for k in range(n)]
         if n > 1:
-            notes.append(f"{src} has {n} frames: writing {stem}_p1.png ... {stem}_p{n}.png")
-        jobs += [
-            _Job(src, k, out_dir / (f"{stem}_p{k + 1}.png" if n > 1 else f"{stem}.png")) for k in range(n)
-        ]
+            notes.append(f"{src} has {n} frames: writing {names[0]} ... {names[-1]}")
+        jobs += [_Job(src, k, out_dir / names[k]) for k in range(n)]
     for group in by_stem.values():
         if len(group) > 1:
-            names = ", ".join(f"{s.name} -> {s.stem}_{s.suffix.lstrip('.').lower()}.png" for s in group)
+            names = ", ".join(f"{s.name} -> {s.stem}_{s.suffix.lstrip('.').lower()}..." for s in group)
             notes.append(f"inputs share the name {group[0].stem!r}, so each keeps its extension: {names}")
     owner: dict[str, _Job] = {}
     inputs = {os.path.normcase(os.path.abspath(p)) for p in images}
-    inodes = {(st.st_dev, st.st_ino) for st in (p.stat() for p in images)}  # -o reached through a symlink
+    inodes = {i for i in map(_identity, images) if i is not None}  # -o reached through a symlink
     for job in jobs:
         key = os.path.normcase(os.path.abspath(job.dst))
-        if key in inputs or (job.dst.exists() and (job.dst.stat().st_dev, job.dst.stat().st_ino) in inodes):
+        if key in inputs or (job.dst.exists() and _identity(job.dst) in inodes):
             raise SetupError(
                 f"the output {job.dst} would overwrite the input of that name; choose another -o folder"
             )
@@ -345,20 +654,60 @@ def _plan(path: Path, out_dir: Path) -> _Plan:
     return _Plan(jobs, failed, ignored, notes)
 
 
+def _check_output_folder(out_dir: Path) -> None:
+    """Refuse an ``-o`` that exists as a file, or that cannot be written (it, or the nearest folder above
+    it that exists: read-only permissions or file system), before any model loads."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SetupError(f"-o {out_dir} exists and is not a folder")
+    existing = out_dir.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SetupError(f"cannot create the output folder {out_dir}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):  # also False on a read-only file system (EROFS)
+        where = "the output folder" if existing == out_dir.absolute() else f"{existing}, above {out_dir},"
+        raise SetupError(f"cannot write to {out_dir}: {where} is not writable (read-only)")
+
+
+@contextlib.contextmanager
+def _own_pixel_limit() -> Iterator[None]:
+    """Pillow's process-wide decompression-bomb limit lifted while ``--max-megapixels`` (checked from each
+    header before decoding, utils/images.py) decides, so that ``0`` really means no limit."""
+    from PIL import Image
+
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
 # ---------------------------------------------------------------------------------------------- the run
-def _run(args: argparse.Namespace) -> int:
-    if args.chopping_size < 0 or args.chopping_batch < 1:
-        raise SetupError("--chopping-size must be >= 0 and --chopping-batch >= 1")
-    if args.output.exists() and not args.output.is_dir():
-        raise SetupError(f"-o {args.output} exists and is not a folder")
-    plan = _plan(_input_path(args), args.output)
+@dataclass
+class _Tally:
+    """What the run has done so far, for the final report (also after Ctrl-C)."""
+
+    planned: int = 0
+    written: int = 0
+    seconds: float = 0.0  # spent on the written images
+    started: float = 0.0  # time.perf_counter() at the start of main
+
+
+def _run(args: argparse.Namespace, tally: _Tally) -> int:
+    _settle(args)
+    _check_output_folder(args.output)
+    plan = _plan(_input_path(args), args.output, ext=args.ext, suffix=args.suffix, max_pixels=args.max_pixels)
+    tally.planned = len(plan.jobs)
     for note in plan.notes:
         print(f"invsr-sr: {note}", file=sys.stderr)
 
+    import torch
     from tqdm import tqdm
 
     from invsr_pl.sampling.oom import sample_with_fallback
     from invsr_pl.sampling.sampler import InvSRSampler
+    from invsr_pl.utils.images import read_image, resize_image, write_image
 
     backbone, noise_predictor, smoke, device = build_models(args)
     if smoke:
@@ -380,15 +729,18 @@ def _run(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise SetupError(str(err)) from err
+    print(
+        f"invsr-sr: models ready on {device} in {time.perf_counter() - tally.started:.1f} s", file=sys.stderr
+    )
 
     args.output.mkdir(parents=True, exist_ok=True)
     failed = list(plan.failed)
-    written = 0
     bar = tqdm(plan.jobs, disable=args.no_progress, unit="img")
     for job in bar:
         bar.set_postfix_str(job.src.name)
+        start = time.perf_counter()
         try:
-            image, alpha, bit_depth = read_image(job.src, frame=job.frame)
+            image, alpha, bit_depth = read_image(job.src, frame=job.frame, max_pixels=args.max_pixels)
             generator = torch.Generator(device=device).manual_seed(args.seed)  # per image: order-independent
             sr = sample_with_fallback(sampler, image[None], generator)[0]
             scale = args.outscale or sampler.scale
@@ -396,13 +748,22 @@ def _run(args: argparse.Namespace) -> int:
             sr = resize_image(sr, size)
             if alpha is not None:  # alpha: plain bicubic, clamped (no diffusion)
                 alpha = resize_image(alpha.to(sr.device), size)
-            write_image(job.dst, sr, alpha, bit_depth=bit_depth)
-            written += 1
+            depth = bit_depth if job.dst.suffix.lower() in (".png", ".tif", ".tiff") else 8
+            write_image(job.dst, sr, alpha, bit_depth=depth)
         except Exception as err:  # noqa: BLE001 - one bad image must not stop the others; reported below
-            failed.append((job.src, str(err).splitlines()[0] if str(err) else type(err).__name__))
+            failed.append((job.src, _reason(err)))
             tqdm.write(f"invsr-sr: error: {job.src}: {failed[-1][1]}", file=sys.stderr)
+            continue
+        seconds = time.perf_counter() - start
+        tally.written += 1
+        tally.seconds += seconds
+        tqdm.write(
+            f"invsr-sr: {job.dst.name}: {image.shape[-1]}x{image.shape[-2]} -> {size[1]}x{size[0]} "
+            f"in {seconds:.2f} s",
+            file=sys.stderr,
+        )
     bar.close()
-    print(f"invsr-sr: wrote {written} of {len(plan.jobs)} image(s) to {args.output}", file=sys.stderr)
+    _report(args, tally)
     if plan.ignored:
         names = ", ".join(p.name for p in plan.ignored)
         print(f"invsr-sr: ignored {len(plan.ignored)} non-image file(s): {names}", file=sys.stderr)
@@ -413,15 +774,37 @@ def _run(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _report(args: argparse.Namespace, tally: _Tally) -> None:
+    per_image = f", {tally.seconds / tally.written:.2f} s per image" if tally.written else ""
+    print(
+        f"invsr-sr: wrote {tally.written} of {tally.planned} image(s) to {args.output} in "
+        f"{time.perf_counter() - tally.started:.1f} s in all{per_image}",
+        file=sys.stderr,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point; returns the exit code (0 ok, 1 some images failed, 2 setup error)."""
+    """Console entry point; returns the exit code (0 ok, 1 some images failed, 2 setup error,
+    130 interrupted)."""
+    tally = _Tally(started=time.perf_counter())
     _quiet_dependencies()
     args = build_parser().parse_args(argv)
     try:
-        return _run(args)
+        with _own_pixel_limit():
+            return _run(args, tally)
     except SetupError as err:
         print(f"invsr-sr: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # every finished output is complete (atomic writes); the one being written was never renamed
+        print(file=sys.stderr)
+        _report(args, tally)
+        print(
+            "invsr-sr: interrupted: the finished outputs are kept, no partial file is left; run the same "
+            "command again to redo the rest",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -152,3 +155,114 @@ def test_compile_flag_compiles_the_loaded_networks(tmp_path: Path, monkeypatch: 
     args = [str(src), "-o", str(tmp_path / "out"), "--backbone", "tiny", "--no-progress", "--compile"]
     assert main(args) == 0
     assert len(seen) == 1 and isinstance(seen[0][1], NoisePredictor)
+
+
+# ---------------------------------------------------------------------------------------------- flags
+@pytest.mark.parametrize(
+    ("alias", "canonical"),
+    [
+        (["--tile", "64"], ["--chopping-size", "64"]),
+        (["--chopping_size", "64"], ["--chopping-size", "64"]),
+        (["--fp32"], ["--dtype", "float32"]),
+        (["--in_path", "in"], ["-i", "in"]),
+        (["--out_path", "o"], ["-o", "o"]),
+        (["--num_steps", "3"], ["--steps", "3"]),
+        (["--chopping_bs", "2"], ["--chopping-batch", "2"]),
+        (["--color_fix", "wavelet"], ["--color-fix", "wavelet"]),
+        (["--color_fix", ""], ["--color-fix", "none"]),
+        (["--sd_path", "weights/sd"], ["--backbone", "weights/sd"]),
+        (["--started_ckpt_path", "np.pth"], ["--noise-predictor", "np.pth"]),
+        (["-s", "2"], ["--outscale", "2"]),
+        (["-t", "200", "100"], ["--timesteps", "200,100"]),
+        (["--timesteps", "200,", "100"], ["-t", "200", "100"]),
+    ],
+)
+def test_compatibility_flags_are_the_flags_they_name(alias: list[str], canonical: list[str]) -> None:
+    """Real-ESRGAN's and the official InvSR script's spellings give exactly the namespace of ours."""
+    from invsr_pl.cli.sr import _settle, build_parser
+
+    def parsed(extra: list[str]) -> dict:
+        args = build_parser().parse_args(["-o", "o", *extra])
+        _settle(args)
+        return vars(args)
+
+    assert parsed(alias) == parsed(canonical)
+
+
+def test_timesteps_and_steps_must_agree(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The official script takes both ``--num_steps 2 --timesteps 200 100``; a disagreement is refused."""
+    src = tmp_path / "a.png"
+    Image.fromarray(skimage.data.coffee()[:8, :8]).save(src)
+    assert main([str(src), "-o", str(tmp_path / "o"), "--num_steps", "3", "-t", "200", "100"]) == 2
+    assert "--steps 3 disagrees with the 2 timesteps" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # INPUT after the timesteps is read as one of them: a clear hint
+        main(["-t", "200", "100", str(src), "-o", str(tmp_path / "o")])
+    assert "give INPUT before the timesteps" in capsys.readouterr().err
+
+
+def test_official_script_flags_run_like_ours(tmp_path: Path) -> None:
+    src = tmp_path / "a.png"
+    Image.fromarray(skimage.data.coffee()[:24, :16]).save(src)
+    ours = ["-i", str(src), "-o", str(tmp_path / "ours"), "--backbone", "tiny", "--steps", "2"]
+    ours += ["--timesteps", "200,100", "--chopping-size", "16", "--chopping-batch", "2", "--no-progress"]
+    theirs = ["--in_path", str(src), "--out_path", str(tmp_path / "theirs"), "--sd_path", "tiny"]
+    theirs += ["--num_steps", "2", "-t", "200", "100", "--tile", "16", "--chopping_bs", "2", "--no-progress"]
+    assert main(ours) == 0 and main(theirs) == 0
+    first, second = (
+        read_image(tmp_path / "ours" / "a.png").image,
+        read_image(tmp_path / "theirs" / "a.png").image,
+    )
+    assert first.shape == (3, 96, 64) and torch.equal(first, second)
+
+
+def test_suffix_and_ext(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--suffix`` names ``<stem>_<suffix>``; ``--ext auto`` keeps each input's format, ``--ext jpg`` writes
+    jpg except for images with alpha (png, said on stderr); every image's time and the total are printed."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    coffee = skimage.data.coffee()[:16, :16]
+    Image.fromarray(np.dstack([coffee, np.full((16, 16), 128, np.uint8)])).save(folder / "alpha.png")
+    Image.fromarray(coffee).save(folder / "photo.jpg", quality=95)
+    tiny = ["--backbone", "tiny", "--chopping-size", "16", "--no-progress"]
+    assert main([str(folder), "-o", str(tmp_path / "auto"), "--suffix", "x4", "--ext", "auto", *tiny]) == 0
+    err = capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "auto").iterdir()) == ["alpha_x4.png", "photo_x4.jpg"]
+    assert re.search(r"photo_x4\.jpg: 16x16 -> 64x64 in \d+\.\d\d s", err), err
+    assert re.search(r"wrote 2 of 2 image\(s\) to .* in \d+\.\d s in all, \d+\.\d\d s per image", err), err
+    assert Image.open(tmp_path / "auto" / "photo_x4.jpg").format == "JPEG"
+    assert main([str(folder), "-o", str(tmp_path / "jpg"), "--ext", "jpg", *tiny]) == 0
+    assert (
+        "alpha.png has an alpha channel, which jpg cannot hold: writing it as png" in capsys.readouterr().err
+    )
+    assert sorted(p.name for p in (tmp_path / "jpg").iterdir()) == ["alpha.png", "photo.jpg"]
+    assert read_image(tmp_path / "jpg" / "alpha.png").alpha is not None
+
+
+def test_output_name_rule() -> None:
+    """The rule the demo shares: ``<stem>[_p<page>][_<suffix>].<ext>``, by default ``<stem>.png``."""
+    from invsr_pl.cli.sr import output_name
+
+    assert output_name("a") == "a.png"
+    assert output_name("a_jpg", "jpg", "x4", page=2) == "a_jpg_p2_x4.jpg"
+    with pytest.raises(SystemExit):
+        main(["a.png", "-o", "o", "--suffix", "../up"])  # a suffix never leaves the folder
+
+
+def test_color_fix_choices_are_the_samplers() -> None:
+    from invsr_pl.cli.sr import COLOR_FIX_CHOICES
+    from invsr_pl.sampling.color_fix import COLOR_FIX_METHODS
+
+    assert COLOR_FIX_CHOICES == COLOR_FIX_METHODS
+
+
+def test_help_imports_no_heavy_library() -> None:
+    """``invsr-sr --help`` (issue 24: under 5 s) must not wait on torch, diffusers or the models."""
+    code = (
+        "import sys, contextlib, io\n"
+        "from invsr_pl.cli.sr import main\n"
+        "with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "    main(['--help'])\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'invsr_pl.models') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

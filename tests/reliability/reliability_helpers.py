@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import pickle
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +85,16 @@ def bad_weight_files(folder: Path) -> dict[str, Path]:
     with open(files["malicious"], "wb") as f:
         pickle.dump({"encoder.x": _Exploit(str(folder / "PWNED"))}, f)
     return files
+
+
+def forged_png(path: Path, width: int, height: int) -> Path:
+    """A few-hundred-byte PNG whose header claims ``width x height`` 8-bit gray pixels: what a decompression
+    bomb looks like to a reader that trusts the header (its pixels are never meant to be decoded)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit, grayscale, no interlace
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 256)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+    return path

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
+import pwd
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -14,7 +26,7 @@ import skimage.data
 import tifffile
 import torch
 from PIL import Image
-from reliability_helpers import REPO_ROOT, bad_weight_files
+from reliability_helpers import REPO_ROOT, bad_weight_files, forged_png
 
 from invsr_pl.cli import sr
 from invsr_pl.cli.sr import main
@@ -222,3 +234,230 @@ def test_no_dependency_warning_in_the_terminal(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "gemm_4bit" not in result.stderr and "kernels-community" not in result.stderr
     assert "could not be loaded" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- size limits
+def test_bomb_and_oversize_images_fail_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 20: a 40000x40000 PNG (a few hundred bytes) beside good images used to sink the whole batch
+    with a DecompressionBombError traceback; now it, and anything above --max-megapixels, fails by name."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _photo(folder / "good.png", 24, 20)  # 480 pixels
+    _photo(folder / "large.png", 40, 56)  # 2240 pixels: above the 0.002 MP limit below
+    forged_png(folder / "bomb.png", 40000, 40000)
+    out = tmp_path / "out"
+    assert main([str(folder), "-o", str(out), *TINY, "--max-megapixels", "0.002"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "DecompressionBombError" not in err
+    failed = err.split("2 failed:")[-1]
+    assert "bomb.png is 40000x40000 (1600 MP), above the limit of 0.002 MP" in failed
+    assert "large.png is 56x40 (0.00224 MP)" in failed and "--max-megapixels" in failed
+    assert sorted(p.name for p in out.iterdir()) == ["good.png"]
+
+
+def test_default_limit_refuses_the_bomb_while_planning_and_0_lifts_it(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _photo(folder / "good.png")
+    forged_png(folder / "bomb.png", 40000, 40000)
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    for flags, refused in (
+        ([], True),
+        (["--max-megapixels", "0"], False),
+        (["--max-megapixels", "inf"], False),
+    ):
+        args = sr.build_parser().parse_args([str(folder), "-o", str(tmp_path / "out"), *flags])
+        sr._settle(args)
+        with sr._own_pixel_limit():  # the command's limit replaces Pillow's (0 really means none)
+            plan = sr._plan(folder, tmp_path / "out", max_pixels=args.max_pixels)
+        assert [p.name for p, _ in plan.failed] == (["bomb.png"] if refused else []), flags
+        assert len(plan.jobs) == (1 if refused else 2), flags
+        if refused:
+            assert "40000x40000 (1600 MP), above the limit of 100 MP" in plan.failed[0][1]
+    assert pillow_limit == Image.MAX_IMAGE_PIXELS  # restored for the rest of the process
+
+
+def test_any_error_while_planning_is_that_files_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _photo(folder / "a.png")
+    _photo(folder / "b.png")
+    real = sr.probe_image
+
+    def flaky(path: Path, max_pixels: int | None = None):
+        if path.name == "b.png":
+            raise RuntimeError("disk hiccup")
+        return real(path, max_pixels)
+
+    monkeypatch.setattr(sr, "probe_image", flaky)
+    plan = sr._plan(folder, tmp_path / "out")
+    assert plan.failed == [(folder / "b.png", "RuntimeError: disk hiccup")]
+    assert [job.dst.name for job in plan.jobs] == ["a.png"]
+
+
+# ---------------------------------------------------------------------------------------------- output folder
+def _as_non_root(run: Callable[[], int]) -> tuple[int, str]:
+    """``run()``'s exit code and stderr as a non-root user: as ourselves when the tests are not root, else in
+    a forked child that dropped to ``nobody`` (root may write into read-only folders, so only a non-root
+    process shows the refusal; the interpreter under /root is not reachable for a fresh non-root process,
+    so the child keeps this one)."""
+    if os.geteuid() != 0:
+        buffer = io.StringIO()
+        with contextlib.redirect_stderr(buffer):
+            return run(), buffer.getvalue()
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("running as root and there is no 'nobody' user to drop to")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 99
+        try:
+            os.close(read_end)
+            sys.stderr = open(write_end, "w")  # noqa: SIM115 - closed by os._exit
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            code = run()
+        except BaseException:  # noqa: BLE001 - reported to the parent through the pipe
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write_end)
+    with open(read_end) as pipe:
+        err = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), err
+
+
+def test_read_only_output_folder_is_refused_before_models_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = Path(tempfile.mkdtemp(prefix="invsr-sr-ro-"))  # in /tmp, reachable for the non-root user
+    try:
+        base.chmod(0o755)
+        (base / "in").mkdir(mode=0o755)
+        _photo(base / "in" / "a.png").chmod(0o644)
+        for name, mode in (("ro", 0o555), ("rw", 0o777)):
+            (base / name).mkdir()
+            (base / name).chmod(mode)
+
+        def models_load_now(*_: object) -> None:
+            raise sr.SetupError("the models would load now")
+
+        monkeypatch.setattr(sr, "build_models", models_load_now)
+        for out, expected in (
+            ("ro", "is not writable (read-only)"),
+            ("ro/new/deeper", "above"),  # the nearest existing folder decides
+            ("rw", "the models would load now"),  # the same user passes the check where it may write
+        ):
+            code, err = _as_non_root(lambda out=out: main([str(base / "in"), "-o", str(base / out), *TINY]))
+            assert code == 2 and expected in err and "Traceback" not in err, (out, err)
+        assert list((base / "ro").iterdir()) == []
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- Ctrl-C
+@pytest.mark.slow
+def test_ctrl_c_keeps_finished_outputs_and_leaves_no_partial_file(tmp_path: Path) -> None:
+    """SIGINT in the middle of a 20-image run: exit 130, every finished output whole, no temporary file.
+    Each PNG save is slowed (0.4 s after writing the temporary file) so the signal often lands mid-write."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for k in range(20):
+        _photo(folder / f"img{k:02d}.png")
+    out = tmp_path / "out"
+    driver = (
+        "import sys, time\n"
+        "from PIL import Image\n"
+        "save = Image.Image.save\n"
+        "def slow_save(self, *args, **kwargs):\n"
+        "    save(self, *args, **kwargs)\n"
+        "    time.sleep(0.4)\n"
+        "Image.Image.save = slow_save\n"
+        "from invsr_pl.cli.sr import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    cmd = [sys.executable, "-c", driver, str(folder), "-o", str(out), *TINY]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.is_dir() and len([p for p in out.glob("*.png") if not p.name.startswith(".")]) >= 3:
+                break
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if n.startswith(".")], names  # no temporary (partial) file
+    assert 3 <= len(names) < 20, names
+    for name in names:
+        assert read_image(out / name).image.shape == (3, 96, 80), name
+    assert f"wrote {len(names)} of 20 image(s)" in err and "interrupted" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------- messages
+def _assert_hints_exist(message: str) -> None:
+    """Issue 26: flags named are invsr-sr's own, commands named are installed, no Hydra keys."""
+    commands = re.findall(r"`([^`]+)`", message)
+    prose = re.sub(r"`[^`]+`", "", message)
+    known = {option for action in sr.build_parser()._actions for option in action.option_strings}
+    flags = set(re.findall(r"(?<![\w-])--?[a-zA-Z][\w-]*", prose))
+    assert flags <= known, flags - known
+    assert "model.backbone" not in message and "huggingface-cli" not in message, message
+    for command in commands:
+        assert shutil.which(command.split()[0]), command
+
+
+def test_hints_name_flags_and_commands_that_exist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = _photo(tmp_path / "a.png")
+    tiny_noise_predictor(seed=0).save_pretrained(tmp_path / "np")
+    weights = ["--noise-predictor", str(tmp_path / "np")]
+    for argv in (
+        ["--backbone", str(tmp_path / "no-sd-turbo"), *weights],  # a folder that is not there
+        ["--backbone", "stabilityai/sd-turbo", *weights],  # the hub id, offline in tests
+        [],  # the default backbone needs a noise predictor
+    ):
+        with mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"}):
+            assert main([str(src), "-o", str(tmp_path / "out"), *argv]) == 2, argv
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "hf download" in lines[0], lines
+        _assert_hints_exist(lines[0])
+
+
+# ---------------------------------------------------------------------------------------------- provenance
+def test_recorded_backbone_is_the_default_and_another_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 26: weights that record their backbone (train.py checkpoints, exports) get it without
+    --backbone, rebuilt as trained (here the random tiny twin with seed 3); another one is refused in one
+    line unless --allow-backbone-mismatch."""
+    import invsr_pl.models.tiny as tiny
+
+    weights = tmp_path / "np"
+    tiny_noise_predictor(seed=0).save_pretrained(weights)
+    config = {"_target_": "invsr_pl.models.tiny.build_tiny_sd_turbo", "seed": 3, "cross_attention_dim": 32}
+    record = {"format": 1, "backbone": {"name": "tiny", "config": config, "revision": None}, "scale": 4}
+    (weights / "invsr_provenance.json").write_text(json.dumps(record))
+    built, real = [], tiny.build_tiny_sd_turbo
+    monkeypatch.setattr(tiny, "build_tiny_sd_turbo", lambda **kw: built.append(kw) or real(**kw))
+    base = [str(_photo(tmp_path / "a.png")), "-o", str(tmp_path / "out"), "--noise-predictor", str(weights)]
+    base += ["--chopping-size", "32", "--no-progress"]
+
+    assert main(base) == 0
+    assert "using the backbone 'tiny' recorded with" in capsys.readouterr().err
+    assert [(kw["seed"], kw["cross_attention_dim"]) for kw in built] == [(3, 32)]
+    assert main([*base, "--backbone", "tiny_trained"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "trained with the backbone 'tiny', not 'tiny_trained'" in lines[0], lines
+    _assert_hints_exist(lines[0])
+    assert main([*base, "--backbone", "tiny_trained", "--allow-backbone-mismatch"]) == 0
+    assert "running anyway: --allow-backbone-mismatch" in capsys.readouterr().err
+    assert len(built) == 1  # the mismatch runs used the trained twin, as asked
