@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -88,3 +89,30 @@ def finish_trackers(failed: bool = False) -> None:
     wandb = sys.modules.get("wandb")  # never imported: no W&B run to end
     if wandb is not None and getattr(wandb, "run", None) is not None:
         wandb.finish(exit_code=1 if failed else 0)
+
+
+def tracker_hints(loggers: Any) -> list[str]:
+    """One line per MLflow / W&B logger saying where its run is and how to look at it, e.g.
+    ``MLflow: mlflow ui --backend-store-uri sqlite:///logs/mlflow/mlflow.db (experiment 'quickstart')`` or
+    ``W&B (offline): wandb sync <run folder>/wandb/offline-run-...``; other loggers give none."""
+    from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+
+    lines = []
+    for logger in loggers or []:
+        if isinstance(logger, MLFlowLogger):
+            client = logger.experiment  # the run exists by now: nothing new is created
+            uri, name = str(client.tracking_uri), client.get_experiment(logger.experiment_id).name
+            if uri.startswith(("http://", "https://", "databricks")):
+                lines.append(f"MLflow: {uri} (experiment {name!r}, run {logger.run_id})")
+            else:
+                lines.append(f"MLflow: mlflow ui --backend-store-uri {uri} (experiment {name!r})")
+        elif isinstance(logger, WandbLogger):
+            wandb = sys.modules.get("wandb")
+            run = getattr(wandb, "run", None)
+            if run is None:
+                continue
+            if run.offline:
+                lines.append(f"W&B (offline): wandb sync {Path(run.dir).parent}")
+            else:
+                lines.append(f"W&B: {run.url}")
+    return lines

@@ -5,6 +5,7 @@ plus the config flattening and the labelled, zero-padded validation grids (docs/
 from __future__ import annotations
 
 import json
+import logging
 import re
 import struct
 import subprocess
@@ -158,14 +159,20 @@ def _history(rows: list[dict[str, Any]], key: str) -> list[tuple[int, Any]]:
 
 # ------------------------------------------------------------------------------------------- runs
 @pytest.mark.slow
-def test_mlflow_run_reads_back(train_cfg: MakeCfg, tmp_path: Path, offline_trackers: None) -> None:
-    """Params (the flattened config), every curve at the InvSR iteration, the labelled grid as an image."""
+def test_mlflow_run_reads_back(
+    train_cfg: MakeCfg, tmp_path: Path, offline_trackers: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Params (the flattened config), every curve at the InvSR iteration, the labelled grid as an image;
+    the run ends by naming the ``mlflow ui`` command."""
     from mlflow.tracking import MlflowClient
 
     from train import train
 
+    caplog.set_level(logging.INFO)
     metrics, objects = train(train_cfg(*SHORT, "logger=mlflow"))
-    client = MlflowClient(objects["cfg"].logger.mlflow.tracking_uri)
+    uri = objects["cfg"].logger.mlflow.tracking_uri
+    assert f"MLflow: mlflow ui --backend-store-uri {uri} (experiment 'smoke')" in caplog.messages
+    client = MlflowClient(uri)
     (experiment,) = [e for e in client.search_experiments() if e.name == "smoke"]
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["tags"] == "smoke,tiny,cpu"
@@ -192,18 +199,22 @@ def test_mlflow_run_reads_back(train_cfg: MakeCfg, tmp_path: Path, offline_track
 
 
 @pytest.mark.slow
-def test_wandb_offline_run_reads_back(train_cfg: MakeCfg, tmp_path: Path, offline_trackers: None) -> None:
+def test_wandb_offline_run_reads_back(
+    train_cfg: MakeCfg, tmp_path: Path, offline_trackers: None, caplog: pytest.LogCaptureFixture
+) -> None:
     """Without a key the run is offline; its folder holds the config, curves at the iteration, the grid."""
     import wandb
 
     from train import train
 
+    caplog.set_level(logging.INFO)
     try:
         metrics, _ = train(train_cfg(*SHORT, "logger=wandb"))
     finally:
         wandb.finish()  # ends the run (a script does it at exit)
         wandb.teardown()  # stops wandb's service process, which writes the rest of the transaction log
     run = _wandb_run(tmp_path / "run")
+    assert f"W&B (offline): wandb sync {run['dir']}" in caplog.messages
     assert run["run"].run_group == "smoke" and list(run["run"].tags) == ["smoke", "tiny", "cpu"]
     assert run["run"].project == "invsr-pl"
     assert (
