@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from invsr_pl.utils.images import quantize_8bit  # noqa: F401 - one of the ops (docs/data.md)
+
 RESIZE_MODES: tuple[str, ...] = ("area", "bilinear", "bicubic")
 JPEG_CODECS: tuple[str, ...] = ("auto", "libjpeg", "kornia")
 
@@ -371,8 +373,3 @@ def jpeg(x: Tensor, quality: Tensor | float, codec: str = "auto") -> Tensor:
     out = torch.empty_like(x)
     out.copy_(decoded_hwc.permute(0, 3, 1, 2))
     return out.mul_(1.0 / 255.0)
-
-
-def quantize_8bit(x: Tensor) -> Tensor:
-    """Round to the 8-bit grid: round(x * 255) clamped to [0, 255], / 255 (docs/data.md)."""
-    return (x * 255.0).round().clamp(0, 255) / 255.0

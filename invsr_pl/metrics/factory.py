@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from invsr_pl.metrics import weights as W
+from invsr_pl.utils.images import quantize_8bit
 from invsr_pl.utils.quiet import library_prints
 
 #: Column order of the tables (the paper's Table order: fidelity first, then perceptual, then no-reference).
@@ -318,15 +319,6 @@ def build_metric_set(
 
 
 # ------------------------------------------------------------------------------------------ scoring
-def quantize_8bit(img: Tensor) -> Tensor:
-    """``img`` (any shape) float in [0, 1] -> the same values rounded to the 8-bit grid ``k / 255`` (clamped).
-
-    The paper's tables score 8-bit PNGs read back from disk, so every scored SR image (validation, evaluation,
-    the bicubic baseline) is rounded like this first (docs/evaluation.md).
-    """
-    return (img.float().clamp(0, 1) * 255).round() / 255
-
-
 def score_images(
     metrics: Mapping[str, ImageQualityMetric], sr: Tensor, gt: Tensor | None
 ) -> tuple[dict[str, list[float | None]], dict[str, str]]:
@@ -346,7 +338,7 @@ def score_images(
     """
     if gt is not None and sr.shape != gt.shape:
         raise ValueError(f"SR shape {tuple(sr.shape)} != GT shape {tuple(gt.shape)} (wrong scale?)")
-    sr = quantize_8bit(sr)
+    sr = quantize_8bit(sr.float())
     scores: dict[str, list[float | None]] = {}
     errors: dict[str, str] = {}
     for key, metric in metrics.items():

@@ -437,6 +437,17 @@ def write_image(path: str | Path, image: Tensor, alpha: Tensor | None = None, bi
             )
 
 
+def quantize_8bit(x: Tensor) -> Tensor:
+    """``x`` (any shape) float in [0, 1] -> the values rounded to the 8-bit grid ``k / 255`` (clamped), in
+    ``x``'s dtype: ``round(x * 255)`` clamped to [0, 255], / 255.
+
+    What an 8-bit PNG holds: the degradation pipeline quantises its LQ images like this (docs/data.md), and
+    every scored SR image is rounded like this first, as the paper's tables score PNGs read back from disk
+    (docs/evaluation.md).
+    """
+    return (x * 255.0).round().clamp(0, 255) / 255.0
+
+
 def resize_image(image: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     """``image`` (C, H, W) float in [0, 1] -> (C, *size): bicubic, antialiased when shrinking, in [0, 1].
 
