@@ -9,6 +9,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from datamodules.samples import SamplePairs
+from invsr_pl.cli import build_tiny_trained
 from invsr_pl.models import tiny_trained
 from invsr_pl.models.sd_turbo import FrozenSDTurbo
 from invsr_pl.models.timesteps import SD_TURBO_SCHEDULER_CONFIG, sd_turbo_sigmas
@@ -86,13 +87,13 @@ def test_half_precision_keeps_the_reconstruction(backbone: FrozenSDTurbo, photos
 
 def test_missing_weights_name_the_rebuild_command(tmp_path: Path) -> None:
     missing = tmp_path / "none.safetensors"
-    with pytest.raises(FileNotFoundError, match="python -m invsr_pl.models.tiny_trained --out"):
+    with pytest.raises(FileNotFoundError, match="python -m invsr_pl.cli.build_tiny_trained --out"):
         tiny_trained.load_tiny_trained_sd_turbo(weights_path=missing)
 
 
 def test_unknown_recipe_key_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown recipe keys"):
-        tiny_trained.build({"vae_stepz": 1})
+        build_tiny_trained.build({"vae_stepz": 1})
 
 
 @pytest.mark.slow
@@ -102,7 +103,7 @@ def test_build_reproduces_the_shipped_weights(tmp_path: Path, photos: torch.Tens
     shipped one in what it does (reconstruction within 0.5 dB, denoising error within 15 %)."""
     shipped_meta = tiny_trained.read_metadata(tiny_trained.DEFAULT_WEIGHTS)
     out = tmp_path / "rebuilt.safetensors"
-    assert tiny_trained.main(["--out", str(out)]) == 0
+    assert build_tiny_trained.main(["--out", str(out)]) == 0
     meta = tiny_trained.read_metadata(out)
     # (vae_config holds the measured scaling factor: compared below, exactly only on the same platform)
     assert (meta["unet_config"], meta["recipe"]) == (shipped_meta["unet_config"], shipped_meta["recipe"])
