@@ -92,6 +92,34 @@ def check_gt_size(cfg: Any, scale: int | None) -> None:
             )
 
 
+def check_strategy(cfg: Any) -> None:
+    """Several processes and a discriminator need a DDP strategy that tolerates unused parameters: G and D
+    share one DDP wrapper and each manual step back-propagates through one of them
+    (docs/lightning.md#ddp-with-two-networks). Plain ``ddp`` would stop at the first step with DDP's error."""
+    from invsr_pl.utils.batching import resolve_world_size
+
+    trainer = _get(cfg, "trainer") or {}
+    strategy = trainer.get("strategy") or "auto"
+    if _get(cfg, "model.discriminator") is None or strategy == "auto":  # auto: train.py picks the right one
+        return
+    if isinstance(strategy, Mapping):
+        target = str(strategy.get("_target_", ""))
+        intolerant = target.endswith("DDPStrategy") and not strategy.get("find_unused_parameters", False)
+        name = f"trainer.strategy._target_={target.rsplit('.', 1)[-1]} with find_unused_parameters=false"
+    else:
+        intolerant = str(strategy).startswith("ddp") and not str(strategy).endswith("unused_parameters_true")
+        name = f"trainer.strategy={strategy}"
+    world = resolve_world_size(
+        trainer.get("devices", 1), trainer.get("num_nodes", 1), trainer.get("accelerator")
+    )
+    if intolerant and world > 1:
+        raise SetupError(
+            f"{name} cannot train the generator and the discriminator over {world} processes (each manual "
+            "step leaves the other network's parameters without gradients, docs/lightning.md); use "
+            "trainer.strategy=ddp_find_unused_parameters_true (the default of trainer=ddp)"
+        )
+
+
 def check_ckpt_path(cfg: Any) -> str | None:
     """Resolve ``ckpt_path`` (``last``: the newest intact checkpoint of the task) and refuse files that cannot
     be read or hold no trainable weights. Returns what ``Trainer.fit`` should get."""
@@ -121,7 +149,8 @@ def check_config(cfg: Any) -> str | None:
     """All start-up checks of a composed ``train.yaml`` config; nothing is instantiated.
 
     Checks: the SR scales agree (top-level ``scale``, degradation, datasets, noise predictor); GT crop sizes
-    fit the scale and the VAE; ``ckpt_path`` resolves to a readable checkpoint with the trainable weights; the
+    fit the scale and the VAE; several processes with a discriminator use a DDP strategy that tolerates unused
+    parameters; ``ckpt_path`` resolves to a readable checkpoint with the trainable weights; the
     batch settings divide (``invsr_pl.utils.batching.check_batch_config``); the data folders of an
     ``SRDataModule`` exist (``datamodules.sr_datamodule.check_data_folders``).
 
@@ -136,6 +165,7 @@ def check_config(cfg: Any) -> str | None:
 
     scale = check_scales(cfg)
     check_gt_size(cfg, scale)
+    check_strategy(cfg)
     try:
         check_batch_config(cfg, log_plan=False)  # the data module states the split once it knows the world
         if _get(cfg, "data._target_") == f"{SRDataModule.__module__}.{SRDataModule.__name__}":
