@@ -705,9 +705,9 @@ def _run(args: argparse.Namespace, tally: _Tally) -> int:
     import torch
     from tqdm import tqdm
 
-    from invsr_pl.sampling.oom import sample_with_fallback
+    from invsr_pl.pipelines import InvSRPipeline
     from invsr_pl.sampling.sampler import InvSRSampler
-    from invsr_pl.utils.images import read_image, resize_image, write_image
+    from invsr_pl.utils.images import read_image, write_image
 
     backbone, noise_predictor, smoke, device = build_models(args)
     if smoke:
@@ -717,13 +717,27 @@ def _run(args: argparse.Namespace, tally: _Tally) -> int:
             "the whole path runs.",
             file=sys.stderr,
         )
-    try:
-        sampler = InvSRSampler(
+    # the one inference path (issue 19): the pipeline over the loaded modules does the SR, the OOM
+    # fallback, --outscale and the alpha channel; this command reads and writes the files
+    pipe = InvSRPipeline.from_backbone(backbone, noise_predictor)
+    pipe.set_progress_bar_config(disable=True)
+    settings = {
+        "num_inference_steps": None if args.timesteps else args.steps,
+        "timesteps": args.timesteps,
+        "chopping_size": args.chopping_size or None,
+        "chopping_batch_size": args.chopping_batch,
+        "color_fix": args.color_fix,
+        "generator": args.seed,  # a fresh generator per image: outputs do not depend on the order
+        "outscale": args.outscale,
+        "output_type": "pt",
+    }
+    try:  # the settings the pipeline's sampler will get, checked once: a bad one is a setup error
+        InvSRSampler(
             backbone,
             noise_predictor,
-            num_steps=None if args.timesteps else args.steps,
+            num_steps=settings["num_inference_steps"],
             timesteps=args.timesteps,
-            chopping_size=args.chopping_size or None,
+            chopping_size=settings["chopping_size"],
             chopping_batch=args.chopping_batch,
             color_fix=args.color_fix,
         )
@@ -741,15 +755,10 @@ def _run(args: argparse.Namespace, tally: _Tally) -> int:
         start = time.perf_counter()
         try:
             image, alpha, bit_depth = read_image(job.src, frame=job.frame, max_pixels=args.max_pixels)
-            generator = torch.Generator(device=device).manual_seed(args.seed)  # per image: order-independent
-            sr = sample_with_fallback(sampler, image[None], generator)[0]
-            scale = args.outscale or sampler.scale
-            size = (round(image.shape[-2] * scale), round(image.shape[-1] * scale))
-            sr = resize_image(sr, size)
-            if alpha is not None:  # alpha: plain bicubic, clamped (no diffusion)
-                alpha = resize_image(alpha.to(sr.device), size)
+            lr = image if alpha is None else torch.cat([image, alpha])
+            out = pipe(lr, **settings).images[0]  # (3 or 4, H, W) float32 in [0, 1], on the CPU
             depth = bit_depth if job.dst.suffix.lower() in (".png", ".tif", ".tiff") else 8
-            write_image(job.dst, sr, alpha, bit_depth=depth)
+            write_image(job.dst, out[:3], None if alpha is None else out[3:], bit_depth=depth)
         except Exception as err:  # noqa: BLE001 - one bad image must not stop the others; reported below
             failed.append((job.src, _reason(err)))
             tqdm.write(f"invsr-sr: error: {job.src}: {failed[-1][1]}", file=sys.stderr)
@@ -758,8 +767,8 @@ def _run(args: argparse.Namespace, tally: _Tally) -> int:
         tally.written += 1
         tally.seconds += seconds
         tqdm.write(
-            f"invsr-sr: {job.dst.name}: {image.shape[-1]}x{image.shape[-2]} -> {size[1]}x{size[0]} "
-            f"in {seconds:.2f} s",
+            f"invsr-sr: {job.dst.name}: {image.shape[-1]}x{image.shape[-2]} -> "
+            f"{out.shape[-1]}x{out.shape[-2]} in {seconds:.2f} s",
             file=sys.stderr,
         )
     bar.close()
