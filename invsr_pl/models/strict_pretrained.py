@@ -8,6 +8,7 @@ models load strictly everywhere (docs/checkpoints.md), so their ``from_pretraine
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from diffusers.models.modeling_utils import ModelMixin
@@ -28,8 +29,15 @@ class StrictModelMixin(ModelMixin):
 
         Raises:
             RuntimeError: the weights lack keys of the model, hold other keys, or differ in shape (one line).
-            OSError: no such folder / hub id, or the hub is unreachable (diffusers' message).
+            FileNotFoundError: a local path (absolute, ``./``, ``~``, or deeper than ``owner/name``) that
+                does not exist.
+            OSError: no such hub id, a folder without the files, or the hub is unreachable (diffusers').
         """
+        name = str(pretrained_model_name_or_path)
+        path = Path(name).expanduser()
+        # a path that cannot be a hub id ("owner/name") is a missing folder: say so instead of asking the hub
+        if not path.exists() and (path.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1):
+            raise FileNotFoundError(f"{cls.__name__} folder {path} does not exist")
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(
             pretrained_model_name_or_path, output_loading_info=True, **kwargs

@@ -190,6 +190,8 @@ def test_save_and_from_pretrained(tmp_path: Path) -> None:
     NoisePredictor(**config).load_checkpoint(folder / "diffusion_pytorch_model.safetensors")
     with pytest.raises(OSError, match="config.json"):
         NoisePredictor.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):  # not sent to the hub
+        NoisePredictor.from_pretrained(tmp_path / "absent")
 
 
 def test_from_pretrained_is_strict(tmp_path: Path) -> None:
