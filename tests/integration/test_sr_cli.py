@@ -266,3 +266,12 @@ def test_help_imports_no_heavy_library() -> None:
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_one_default_seed_and_backbone_names_with_the_pipeline() -> None:
+    """sr.py spells these out so that --help imports no torch; they must stay the pipeline's."""
+    from invsr_pl.cli import sr
+    from invsr_pl.pipelines import pipeline_invsr
+
+    assert sr.DEFAULT_SEED == pipeline_invsr.DEFAULT_SEED
+    assert (sr.TINY, sr.TINY_TRAINED, sr.SD_TURBO_RANDOM) == pipeline_invsr.BUILTIN_BACKBONES
