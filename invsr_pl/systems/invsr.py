@@ -318,7 +318,9 @@ class InvSRLitModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.log("step", float(self.iteration), batch_size=1)  # curves at the iteration, as in _log_step
+        # curves at the iteration, as in _log_step; synced (every rank holds the same value) so that DDP does
+        # not warn about an unsynced epoch-level value
+        self.log("step", float(self.iteration), batch_size=1, sync_dist=True)
         srs = self._score_batch(batch, batch_idx, self.val_metrics, self.trainer.val_dataloaders, "val")
         if not srs:  # only padding of Lightning's DistributedSampler on this rank
             return
