@@ -233,10 +233,12 @@ def test_decompression_bomb_is_an_image_read_error(
         assert isinstance(info.value, ImageTooLargeError) and "\n" not in str(info.value)
 
 
-def test_listing_and_probing_do_not_import_torch() -> None:
+def test_listing_and_probing_do_not_import_torch(tmp_path: Path, coffee: np.ndarray) -> None:
     """``invsr-sr --help`` and its planning step stay fast: torch loads only for tensors."""
+    Image.fromarray(coffee).save(tmp_path / "a.png")
     code = (
-        "import sys; from invsr_pl.utils import images; assert 'torch' not in sys.modules; "
-        "images.array_to_tensor(images.np.zeros((2, 2), images.np.uint8)); assert 'torch' in sys.modules"
+        "import sys; from invsr_pl.utils import images; "
+        f"assert images.probe_image(images.list_images({str(tmp_path)!r})[0]).width == 64; "
+        "assert 'torch' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
