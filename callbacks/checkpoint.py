@@ -4,7 +4,8 @@
   (``pl_module.iteration``): ``trainer.global_step`` counts generator and discriminator steps, so
   ``every_n_train_steps`` would mean "every N/2 iterations" while D trains and "every N" when it does not
   (docs/lightning.md). On SIGTERM (preemption; outside SLURM, or with SLURM's requeue as well) it saves a
-  resumable ``last.ckpt`` before Lightning stops the run; ``train.py`` then exits with code 143.
+  resumable ``last.ckpt`` before Lightning stops the run; ``train.py`` then exits with code 143. The ranks
+  agree on the stop at the end of an iteration, whichever of them got the signal (docs/slurm.md).
 - :class:`AtomicCheckpointIO`: every ``trainer.save_checkpoint`` writes a temporary file in the target folder,
   fsyncs it and renames it into place (:mod:`invsr_pl.utils.atomic`). Lightning's own writer stages the file
   in ``TMPDIR`` and *copies* it across when that is another file system (e.g. tmpfs), so a kill during the
@@ -13,6 +14,9 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+from types import FrameType
 from typing import Any
 
 import lightning.pytorch as L
@@ -72,6 +76,7 @@ class IterationCheckpoint(ModelCheckpoint):
         self.every_n_iterations = every_n_iterations
         self._last_iteration_saved = -1
         self.sigterm_checkpoint: str | None = None  # path written on SIGTERM, for train.py's message
+        self._sigterm_pending = False  # this rank got SIGTERM; the ranks agree at the end of the iteration
 
     @staticmethod
     def _iteration(trainer: L.Trainer) -> int:
@@ -83,9 +88,39 @@ class IterationCheckpoint(ModelCheckpoint):
         candidates["iteration"] = torch.tensor(self._iteration(trainer))
         return candidates
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Replace Lightning's SIGTERM handler (installed at fit start, restored by Lightning at its end).
+
+        Lightning's handler sets the stop flag of its own rank and broadcasts from inside the handler, i.e.
+        wherever the main thread is, possibly inside another collective; a rank that stops at the end of an
+        iteration its peers do not stop at leaves them waiting forever. Under SLURM or torchrun every rank
+        gets the signal, but not at the same point of the step. This handler only notes the signal; the
+        ranks agree in :meth:`on_train_batch_end`.
+        """
+        self._sigterm_pending = False
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread; Lightning's stays
+
+        def note_sigterm(signum: int, frame: FrameType | None) -> None:
+            launcher = trainer.strategy.launcher
+            if not self._sigterm_pending and launcher is not None:
+                launcher.kill(signum)  # ranks this process started (Lightning's DDP launcher) get it too
+            self._sigterm_pending = True
+
+        signal.signal(signal.SIGTERM, note_sigterm)
+
+    def _stop_agreed(self, trainer: L.Trainer) -> bool:
+        """True on every rank when any rank got SIGTERM (one boolean all-reduce per iteration)."""
+        if trainer.world_size > 1:
+            return bool(trainer.strategy.reduce_boolean_decision(self._sigterm_pending, all=False))
+        return self._sigterm_pending
+
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._stop_agreed(trainer):
+            # Lightning raises SIGTERMException at the end of this batch on every rank (on_exception saves)
+            trainer._signal_connector.received_sigterm = True
         if self.every_n_iterations is None:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             return
