@@ -1,10 +1,12 @@
-"""Callbacks the SLURM test jobs load by ``_target_`` (tests/cluster is on the jobs' PYTHONPATH)."""
+"""Callbacks the SLURM and multi-node test jobs load by ``_target_`` (tests/cluster on their PYTHONPATH)."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import lightning.pytorch as L
+import torch
 
 
 class Pause(L.Callback):
@@ -16,3 +18,27 @@ class Pause(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         time.sleep(self.seconds)
+
+
+class RecordRank(L.Callback):
+    """Per rank, after training: ``rank<k>.pt`` in ``folder`` with the images of each training batch, the
+    iteration count, the world size and the noise predictor's weights."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.images: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.images.append(int(batch["lq"].shape[0]))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        record = {
+            "images": self.images,
+            "iteration": int(pl_module.iteration),
+            "world": int(trainer.world_size),
+            "noise_predictor": {
+                k: v.detach().cpu() for k, v in pl_module.noise_predictor.state_dict().items()
+            },
+        }
+        Path(self.folder).mkdir(parents=True, exist_ok=True)
+        torch.save(record, Path(self.folder, f"rank{trainer.global_rank}.pt"))
