@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
-from invsr_pl.cli.sr import DEFAULT_SEED
+from invsr_pl.cli.sr import DEFAULT_SEED, output_name
 from invsr_pl.demo.budget import RequestBudget, RequestCost, request_cost
 from invsr_pl.demo.errors import RequestError, visitor_message
 from invsr_pl.demo.stopping import JobCancelled, JobTimeout, NetworkStops, StopSwitch
@@ -182,7 +182,7 @@ class BatchResult:
 
 
 def batch_names(paths: Sequence[Path]) -> list[str]:
-    """The output name of each file of a batch: ``invsr-sr``'s default rule, so ``<stem>.png``, and
+    """The output name of each file of a batch: ``invsr-sr``'s rule (``output_name``), so ``<stem>.png``, and
     ``<stem>_<ext>.png`` for every file whose stem others share with another extension (``a.jpg``,
     ``a.png``); uploads of one name (from different folders) become ``<stem>_2.png``, ``<stem>_3.png`` ...
     Names are compared case-insensitively (a zip is unpacked on such file systems too)."""
@@ -194,10 +194,10 @@ def batch_names(paths: Sequence[Path]) -> list[str]:
     for p in paths:
         shared = len(exts[p.stem.casefold()]) > 1
         stem = f"{p.stem}_{p.suffix.lstrip('.').lower()}" if shared else p.stem
-        name, n = f"{stem}.png", 1
+        name, n = output_name(stem), 1
         while name.casefold() in taken:
             n += 1
-            name = f"{stem}_{n}.png"
+            name = output_name(f"{stem}_{n}")
         taken.add(name.casefold())
         names.append(name)
     return names
@@ -392,7 +392,7 @@ class Upscaler:
         except ImageReadError as err:
             raise RequestError(visitor_message(str(err))) from err  # "cannot read image <name>: why"
         if out_path is None:
-            out_path = self.new_request_dir() / f"{path.stem}.png"
+            out_path = self.new_request_dir() / output_name(path.stem)
         out_path = Path(out_path)
         try:
             # the one inference path (issue 19): a fresh generator per image seeded with the request's seed,
