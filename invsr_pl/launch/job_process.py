@@ -187,6 +187,30 @@ def _forward_signals(pgid: int) -> Iterator[list[int]]:
             signal.signal(s, handler)
 
 
+STOP_AFTER_SIGNAL_S = (
+    120.0  # a job told to stop (SIGTERM, Ctrl-C) that hangs, e.g. in a collective, is killed
+)
+
+
+def _wait(proc: subprocess.Popen, received: list[int]) -> int:
+    """``proc.wait()``; once a signal was forwarded, at most :data:`STOP_AFTER_SIGNAL_S` more, then SIGKILL
+    for the job's whole group (Lightning saves ``last.ckpt`` on SIGTERM at the next step, which a rank
+    blocked in a collective never reaches)."""
+    deadline = None
+    while True:
+        try:
+            return proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        if received and deadline is None:
+            deadline = time.monotonic() + STOP_AFTER_SIGNAL_S
+        if deadline is not None and time.monotonic() > deadline:
+            log.warning("The job did not stop %.0f s after the signal; killing it", STOP_AFTER_SIGNAL_S)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            return proc.wait()
+
+
 def _ended(code: int) -> str:
     if code < 0:
         with contextlib.suppress(ValueError):
@@ -218,7 +242,7 @@ def run_job_process(
     log.info("%s: one %d-process run in %s: %s", what.capitalize(), world_size, job_dir, shlex.join(cmd))
     proc = subprocess.Popen(cmd, cwd=str(hydra_cfg.runtime.cwd), env=env, start_new_session=True)
     with _forward_signals(proc.pid) as received:
-        code = proc.wait()
+        code = _wait(proc, received)
     outcome = _read_result(result)
     result.unlink(missing_ok=True)
     _stop_group(proc.pid, GRACE_AFTER_SUCCESS_S if code == 0 else GRACE_AFTER_FAILURE_S, what)

@@ -116,3 +116,35 @@ def test_ranks_left_behind_are_stopped(tmp_path: Path, monkeypatch: pytest.Monke
     straggler = Path(f"/proc/{int(pid_file.read_text())}/stat")
     # gone, or a zombie that nobody reaps: killed either way, not sleeping out its 120 s
     assert not straggler.exists() or straggler.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_sigterm_reaches_the_job_and_a_hung_job_is_killed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM to the sweep goes to the job's ranks; one that ignores it (as a rank blocked in a collective
+    does) is killed after the grace period, and the sweep stops with 143."""
+    import os
+    import signal
+    import threading
+
+    monkeypatch.setattr(job_process, "STOP_AFTER_SIGNAL_S", 0.5)
+    ready = tmp_path / "ready"
+    script = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"open({str(ready)!r}, 'w').close(); time.sleep(120)"
+    )
+    hydra_cfg, cmd = _fake_job(tmp_path, script)
+
+    def terminate_when_ready() -> None:
+        for _ in range(600):
+            if ready.exists():
+                break
+            threading.Event().wait(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=terminate_when_ready, daemon=True).start()
+    with pytest.raises(SystemExit) as stop:
+        run_job_process("train.py", hydra_cfg, 2, command=cmd)
+    assert stop.value.code == 143
+    assert signal.getsignal(signal.SIGTERM) == before  # the sweep's own handler is back
