@@ -1,9 +1,12 @@
-"""Two "nodes" on one machine: ``train.py`` as two ``torchrun`` invocations (``--nnodes=2``, one process each,
-rendezvous on 127.0.0.1, gloo on CPU) trains like one process of the same global batch: the same images per
-iteration, the same iteration count, and one noise predictor on both ranks."""
+"""Two "nodes" on one machine: ``torchrun`` invoked twice (``--nnodes=2``, one process each, rendezvous on
+127.0.0.1, gloo on CPU). ``train.py`` trains like one process of the same global batch (the same images per
+iteration, the same iteration count, one noise predictor on both ranks); ``evaluate.py`` writes one gathered
+table in which every image is scored once."""
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import socket
 import subprocess
@@ -40,6 +43,45 @@ def _env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(JOB_CALLBACKS), env.get("PYTHONPATH", "")])
     env["HF_HUB_OFFLINE"] = "1"
     return env
+
+
+def _start_two_nodes(*args: str) -> list[subprocess.Popen]:
+    """``torchrun --nnodes=2 --node_rank={0,1} --nproc_per_node=1 args`` from the repository root."""
+    port = _free_port()
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={rank}",
+                "--nproc_per_node=1",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                *args,
+            ],
+            cwd=REPO_ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+
+
+def _wait_two_nodes(nodes: list[subprocess.Popen], timeout: float = 300) -> None:
+    outputs = []
+    for node in nodes:
+        try:
+            outputs.append(node.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for n in nodes:
+                n.kill()
+            pytest.fail(f"a torchrun node did not finish in {timeout:.0f} s")
+    for node, out in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, out[-3000:]
 
 
 @pytest.mark.slow
@@ -79,17 +121,8 @@ def test_two_torchrun_nodes_train_like_one_process(tmp_path: Path) -> None:
          f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={one / 'run'}"],
         cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300,
     )  # fmt: skip
-    outputs = []
-    for node in nodes:
-        try:
-            outputs.append(node.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for n in nodes:
-                n.kill()
-            pytest.fail("a torchrun node did not finish in 300 s")
+    _wait_two_nodes(nodes)
     assert single.returncode == 0, single.stderr[-3000:]
-    for node, out in zip(nodes, outputs, strict=True):
-        assert node.returncode == 0, out[-3000:]
 
     ref = torch.load(one / "rank0.pt", weights_only=False)
     r0, r1 = (torch.load(two / f"rank{r}.pt", weights_only=False) for r in (0, 1))
@@ -100,3 +133,24 @@ def test_two_torchrun_nodes_train_like_one_process(tmp_path: Path) -> None:
     for k, v in r0["noise_predictor"].items():
         assert torch.equal(v, r1["noise_predictor"][k]), f"noise_predictor.{k} differs across the nodes"
     assert (two / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_evaluate_into_one_table(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    nodes = _start_two_nodes(
+        "evaluate.py", "trainer=cpu", "trainer.num_nodes=2", "trainer.enable_progress_bar=false",
+        "data.test_datasets.samples.num_images=3", "data.test_datasets.samples.gt_size=64",
+        "data.test_datasets.samples.lq_mode=bicubic", "sampler.chopping_size=null", "warmup=0",
+        "metrics=fidelity", "model.bicubic=false", "output.plot=false", "torch_threads=1",
+        f"paths.root_dir={tmp_path}", f"hydra.run.dir={out}",
+    )  # fmt: skip
+    _wait_two_nodes(nodes)
+    per_image = list(csv.DictReader((out / "per_image.csv").open()))
+    # node 0 scored images 0 and 2, node 1 image 1 and the sampler's padding repeat of 0 (not scored twice)
+    assert [r["index"] for r in per_image] == ["0", "1", "2"]
+    table = list(csv.DictReader((out / "metrics.csv").open()))
+    assert len(table) == 1
+    mean = sum(float(r["psnr"]) for r in per_image) / 3
+    assert float(table[0]["PSNR↑"]) == pytest.approx(mean, rel=1e-9)
+    assert json.loads((out / "metadata.json").read_text())["world_size"] == 2
