@@ -51,19 +51,21 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--max-upload-mb", type=int, default=50, help="largest upload, in MB")
     server.add_argument("--max-batch-files", type=int, default=50, help="most files in one batch")
     budget = p.add_argument_group("per-request budget (docs: README 'Web demo')")
-    budget.add_argument("--max-steps", type=int, default=None, help="most timesteps per image (default 10)")
+    budget.add_argument(
+        "--max-steps", type=int, default=None, help="most timesteps per image; unset (%(default)s): 10"
+    )
     budget.add_argument(
         "--max-patches",
         type=int,
         default=None,
-        help="most chopping patches per image (default 256 per MP of --max-megapixels)",
+        help="most chopping patches per image; unset (%(default)s): 256 per MP of --max-megapixels",
     )
     budget.add_argument(
         "--max-work",
         type=float,
         default=None,
-        help="most work per image in megapixel-steps, patch pixels x steps (default 21 per MP of "
-        "--max-megapixels: the 5-step schedule at the size limit)",
+        help="most work per image in megapixel-steps, patch pixels x steps; unset (%(default)s): 21 per MP "
+        "of --max-megapixels, the 5-step schedule at the size limit",
     )
     budget.add_argument(
         "--max-job-seconds",

@@ -357,3 +357,21 @@ def test_a_job_cancelled_by_its_client_stops(
     calls = slow_unet.calls
     time.sleep(4 * SLOW_S)
     assert slow_unet.calls <= calls + 1 < 121
+
+
+def test_budget_options_are_checked_and_their_help_states_the_defaults(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from invsr_pl.demo.budget import DEFAULT_MAX_STEPS
+
+    help_text = " ".join(demo_cli.build_parser().format_help().split())
+    assert f"most timesteps per image; unset (None): {DEFAULT_MAX_STEPS}" in help_text
+    for flag, value, message in [
+        ("--max-steps", "0", "--max-steps must be >= 1"),
+        ("--max-patches", "0", "--max-patches must be >= 1"),
+        ("--max-work", "0", "--max-work must be > 0"),
+        ("--max-work", "inf", "--max-work must be > 0"),
+        ("--max-job-seconds", "-1", "--max-job-seconds must be >= 0"),
+    ]:
+        assert demo_cli.main(["--backbone", "tiny", flag, value]) == 2  # before any model is built
+        assert message in capsys.readouterr().err
