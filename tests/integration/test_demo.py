@@ -119,6 +119,7 @@ def test_old_request_folders_are_pruned_and_nothing_else(upscaler: Upscaler, tmp
         os.utime(folder, (an_hour_ago, an_hour_ago))
     engine.new_request_dir()
     assert not old_request.exists() and fresh_request.exists() and not_ours.exists()
+    engine.close()  # its stop hooks off the shared networks
 
 
 def test_size_limit_and_bad_files_are_one_line_messages(upscaler: Upscaler, tmp_path: Path) -> None:
@@ -137,6 +138,7 @@ def test_size_limit_and_bad_files_are_one_line_messages(upscaler: Upscaler, tmp_
         upscaler.upscale_file(junk, Settings())
     with pytest.raises(RequestError, match=f"multiple of {upscaler.modulus}"):
         upscaler.upscale_file(big, Settings(chopping_size=upscaler.modulus + 2))
+    small_limit.close()
 
 
 def test_batch_zips_results_and_lists_failures(upscaler: Upscaler, tmp_path: Path) -> None:
@@ -179,6 +181,7 @@ def test_out_of_memory_falls_back_as_invsr_sr_does(
         upscaler.backbone, upscaler.noise_predictor, "cpu", chopping_batch=2, workdir=tmp_path / "w"
     )
     expected = read_image(two.upscale_file(src, Settings(chopping_size=8)).path).image
+    two.close()
     monkeypatch.setattr(InvSRSampler, "__call__", small_gpu)
     with pytest.warns(RuntimeWarning, match="out of memory"):
         result = upscaler.upscale_file(src, Settings(chopping_size=8))
@@ -195,6 +198,7 @@ def test_scale_follows_the_noise_predictor(upscaler: Upscaler, tmp_path: Path) -
     result = x2.upscale_file(src, Settings(chopping_size=0))
     assert x2.scale == 2 and result.output_size == (24, 16) and result.path.name == "in.png"
     assert "**Scale** x2" in x2.describe()
+    x2.close()
 
 
 def test_one_queue_for_both_views(upscaler: Upscaler) -> None:
