@@ -318,9 +318,10 @@ class InvSRLitModule(L.LightningModule):
 
     # ------------------------------------------------------------------ validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        # curves at the iteration, as in _log_step; synced (every rank holds the same value) so that DDP does
-        # not warn about an unsynced epoch-level value
-        self.log("step", float(self.iteration), batch_size=1, sync_dist=True)
+        # curves at the iteration, as in _log_step. Not synced: every rank holds the same value, and a synced
+        # one added an all_reduce that a 2-rank sweep job hung in, its peer waiting in a metric's all_gather
+        # (utils/quiet.py drops Lightning's advice to sync it)
+        self.log("step", float(self.iteration), batch_size=1)
         srs = self._score_batch(batch, batch_idx, self.val_metrics, self.trainer.val_dataloaders, "val")
         if not srs:  # only padding of Lightning's DistributedSampler on this rank
             return

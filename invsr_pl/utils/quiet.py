@@ -44,6 +44,9 @@ _DEFAULT_SUMMARY = "Skipping setting a default `ModelSummary` callback"
 _WARNINGS = (
     r"hydra\.utils\.instantiate\(\) resolved _target_=.* with no\s+_execution_whitelist_",
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # the validation x-axis (InvSRLitModule.validation_step): the same iteration on every rank, so it is
+    # logged unsynced on purpose; a synced one adds a collective whose order at epoch end can differ per rank
+    r"It is recommended to use `self\.log\('step', \.\.\., sync_dist=True\)`",
 )
 # logger name -> substrings of the messages dropped from it
 _DROPPED: dict[str, tuple[str, ...]] = {
