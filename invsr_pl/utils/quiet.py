@@ -7,7 +7,8 @@ warnings that matter, such as missing weights, random weights or fallbacks, come
   pyiqa import it, on CPUs with AVX512-BF16; we never quantise to 4 bit);
 - Lightning's "💡 Tip: ... litlogger / litmodels" advertisements, and its note that it skips its default
   model summary (conf/callbacks/model_summary.yaml configures one);
-- two Python warnings about the libraries' own versions, once per call site: Hydra 1.4's "instantiate()
+- the Python warnings of :data:`_WARNINGS`, each with its reason there; among them two about the
+  libraries' own versions, once per call site: Hydra 1.4's "instantiate()
   resolved _target_=... with no _execution_whitelist_" (every config target here is this project's own
   code; it becomes an error in Hydra 1.5, where call sites must pass a whitelist) and Lightning's
   "isinstance(treespec, LeafSpec) is deprecated" (Lightning against a newer torch);
