@@ -21,10 +21,11 @@ warnings that matter, such as missing weights, random weights or fallbacks, come
   prints (and files) them again. Once the root logger has a console handler, Lightning's is removed (done
   whether or not verbose: it is a copy, not detail).
 
-``INVSR_VERBOSE=1`` (any command) or the commands' ``-v/--verbose`` brings all of it back. The package's
-``__init__`` installs the filters, so they are in place before any submodule imports diffusers (the
-bitsandbytes line is logged during that import); entry points call :func:`quiet_dependencies` again with
-their own ``--verbose``. This module imports nothing but the standard library (cheap, and no cycles).
+``INVSR_VERBOSE=1`` (any command) brings all of it back; a command with a ``-v/--verbose`` flag passes it
+as ``quiet_dependencies(verbose=True)``. The package's ``__init__`` installs the filters, so they are in
+place before any submodule imports diffusers (the bitsandbytes line is logged during that import);
+``train.py`` and ``evaluate.py`` call :func:`quiet_dependencies` again once Lightning is imported. This
+module imports nothing but the standard library (cheap, and no cycles).
 """
 
 from __future__ import annotations
