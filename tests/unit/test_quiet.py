@@ -1,4 +1,5 @@
-"""Quiet by default (invsr_pl/utils/quiet.py): the real emitters' chatter is gone, and comes back verbose."""
+"""Quiet and quick by default: the real emitters' chatter is gone (invsr_pl/utils/quiet.py) and comes back
+verbose; the entry points import no heavy library before they need one (README "Speed")."""
 
 from __future__ import annotations
 
@@ -222,3 +223,17 @@ def test_smoke_training_run_is_quiet(tmp_path: Path) -> None:
         assert dropped not in out, dropped
     assert sum("GPU available:" in line for line in out.splitlines()) == 1, out
     assert "Trainable params" in out and "Final validation:" in out and "Checkpoint:" in out
+
+
+def test_entry_points_import_no_heavy_library() -> None:
+    """`--help` and `--cfg job` must not wait on torch & co.: importing the package, the CLI modules and
+    train.py pulls in none of them (a fresh process; evaluate.py still imports Lightning at the top)."""
+    root = Path(__file__).resolve().parents[2]
+    heavy = ("torch", "diffusers", "lightning", "transformers", "pyiqa", "gradio")
+    code = (
+        "import sys; sys.path.insert(0, '.'); import invsr_pl, invsr_pl.cli.sr, invsr_pl.cli.demo, train; "
+        f"print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[]", run.stdout
