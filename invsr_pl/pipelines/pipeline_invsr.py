@@ -64,7 +64,7 @@ from invsr_pl.pipelines.prompt_embedding import FixedPromptEmbedding
 from invsr_pl.sampling.oom import sample_with_fallback
 from invsr_pl.sampling.sampler import InvSRSampler
 from invsr_pl.utils.images import resize_image
-from invsr_pl.utils.provenance import EXPORT_FILE
+from invsr_pl.utils.provenance import read_provenance
 
 __all__ = [
     "BUILTIN_BACKBONES",
@@ -148,15 +148,8 @@ def model_index(
 
 
 def _recorded_backbone_config(folder: Path) -> dict[str, Any]:
-    """The backbone config recorded in an export's provenance file (plain values), or {}."""
-    path = folder / EXPORT_FILE
-    if not path.is_file():
-        return {}
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    config = (record.get("backbone") or {}).get("config") if isinstance(record, dict) else None
+    """The backbone config an export's provenance file records (plain values), or {} without one."""
+    config = ((read_provenance(folder) or {}).get("backbone") or {}).get("config")
     return config if isinstance(config, dict) else {}
 
 

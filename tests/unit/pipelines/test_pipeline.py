@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,15 @@ def _lr(h: int, w: int, seed: int = 1) -> torch.Tensor:
     return torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
+@functools.cache
+def _reference() -> tuple:
+    """Equal twins built apart from the pipeline's (nothing shared with it)."""
+    return build_tiny_sd_turbo(seed=0), tiny_noise_predictor(seed=0).eval()
+
+
 def _sampler(**kwargs) -> InvSRSampler:
-    """Today's sampler on fresh, equal twins (nothing shared with the pipeline)."""
-    return InvSRSampler(build_tiny_sd_turbo(seed=0), tiny_noise_predictor(seed=0).eval(), **kwargs)
+    """Today's sampler on the reference twins."""
+    return InvSRSampler(*_reference(), **kwargs)
 
 
 @pytest.mark.parametrize("steps", [1, 3])
