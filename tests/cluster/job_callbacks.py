@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -42,3 +44,15 @@ class RecordRank(L.Callback):
         }
         Path(self.folder).mkdir(parents=True, exist_ok=True)
         torch.save(record, Path(self.folder, f"rank{trainer.global_rank}.pt"))
+
+
+class SigtermRank(L.Callback):
+    """Send SIGTERM to this process on global rank ``rank`` after iteration ``at``: a preemption that reaches
+    one rank only, or reaches it first."""
+
+    def __init__(self, rank: int, at: int) -> None:
+        self.rank, self.at = int(rank), int(at)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_rank == self.rank and pl_module.iteration == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)

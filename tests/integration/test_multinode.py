@@ -154,3 +154,31 @@ def test_two_torchrun_nodes_evaluate_into_one_table(tmp_path: Path) -> None:
     mean = sum(float(r["psnr"]) for r in per_image) / 3
     assert float(table[0]["PSNR↑"]) == pytest.approx(mean, rel=1e-9)
     assert json.loads((out / "metadata.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_node_stops_both_after_the_same_iteration(tmp_path: Path) -> None:
+    """Only node 1 gets SIGTERM (after iteration 2): both nodes save one last.ckpt at the same iteration and
+    exit 143, instead of node 1 waiting in the checkpoint's barrier for a peer that trains on (docs/slurm.md).
+    """
+    run = tmp_path / "run"
+    tiny = [o for o in TINY if not o.startswith(("model.max_iterations", "+callbacks.record"))]
+    nodes = _start_two_nodes(
+        "train.py", *tiny, "model.max_iterations=50", "callbacks.model_checkpoint.every_n_iterations=100",
+        "trainer.devices=1", "trainer.num_nodes=2", "+callbacks.sig._target_=job_callbacks.SigtermRank",
+        "+callbacks.sig.rank=1", "+callbacks.sig.at=2", f"paths.log_dir={tmp_path / 'logs'}",
+        f"hydra.run.dir={run}",
+    )  # fmt: skip
+    outputs = []
+    for node in nodes:
+        try:
+            outputs.append(node.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for n in nodes:
+                n.kill()
+            pytest.fail("the nodes did not stop within 300 s of one node's SIGTERM")
+    for node, out in zip(nodes, outputs, strict=True):
+        assert node.returncode != 0, out[-3000:]  # stopped early, not after 50 iterations
+    assert any("stopped by SIGTERM" in out for out in outputs), outputs[1][-3000:]
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert last["invsr_iteration"] in (2, 3)  # the iteration that ran when the ranks agreed
