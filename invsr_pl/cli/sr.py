@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import math
 import os
 import re
@@ -42,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from invsr_pl.utils.errors import SetupError
 from invsr_pl.utils.images import (
     IMAGE_EXTENSIONS,
     ImageInfo,
@@ -50,6 +50,7 @@ from invsr_pl.utils.images import (
     list_images,
     probe_image,
 )
+from invsr_pl.utils.quiet import quiet_dependencies
 
 if TYPE_CHECKING:
     import torch
@@ -75,15 +76,10 @@ EXT_CHOICES = ("auto", "png", "jpg", "webp")  # Real-ESRGAN's --ext (plus webp)
 DEFAULT_MAX_MEGAPIXELS = 100.0  # of input: 100 MP is a 1.6-gigapixel x4 output; a 40000^2 bomb is 1600 MP
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 # bitsandbytes (imported by diffusers / pyiqa) warns on every import on CPUs without its optional kernels
-_NOISY_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
 _DOWNLOAD_HINT = (
     f"download it once where the Hugging Face hub is reachable (`hf download {DEFAULT_BACKBONE} "
     "--local-dir weights/sd-turbo`) and pass --backbone weights/sd-turbo"
 )
-
-
-class SetupError(Exception):
-    """Arguments or models that make the whole run impossible (exit code 2)."""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -93,15 +89,6 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default in (None, False, ""):
             return action.help or ""
         return super()._get_help_string(action)
-
-
-def _quiet_dependencies() -> None:
-    """Keep dependency warnings that have nothing to do with this run out of the terminal (errors still show).
-
-    Must run before diffusers is imported: the message is logged while bitsandbytes is being imported.
-    """
-    for name in _NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -185,6 +172,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--compile", action="store_true", help="torch.compile the UNet and noise predictor (slow first image)"
     )
+    group.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="keep the dependencies' own warnings and notes (default: quiet; INVSR_VERBOSE=1 does the same)",
+    )  # fmt: skip
 
 
 def _add_compatibility_flags(parser: argparse.ArgumentParser) -> None:
@@ -477,7 +468,7 @@ def build_models(args: argparse.Namespace):  # -> (FrozenSDTurbo, NoisePredictor
         SetupError: unknown device, missing/unreadable weights, a backbone other than the recorded one; the
             message is one line for the user.
     """
-    _quiet_dependencies()
+    quiet_dependencies(verbose=getattr(args, "verbose", False))  # before diffusers imports bitsandbytes
 
     from invsr_pl.models.sd_turbo import resolve_dtype
     from invsr_pl.models.tiny import tiny_noise_predictor
@@ -796,7 +787,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point; returns the exit code (0 ok, 1 some images failed, 2 setup error,
     130 interrupted)."""
     tally = _Tally(started=time.perf_counter())
-    _quiet_dependencies()
     args = build_parser().parse_args(argv)
     try:
         with _own_pixel_limit():

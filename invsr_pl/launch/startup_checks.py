@@ -23,14 +23,11 @@ from invsr_pl.utils.checkpoint import (
     checkpoint_problem,
     load_checkpoint,
 )
+from invsr_pl.utils.errors import SetupError
 
 __all__ = ["SetupError", "check_checkpoint_fits", "check_config", "check_local_multirun"]
 
 _NOISE_PREDICTOR_DEFAULTS = {"scale": 4, "vae_scale_factor": 8}  # NoisePredictor's constructor defaults
-
-
-class SetupError(ValueError):
-    """A training setup that cannot work (config values that disagree, a checkpoint that does not fit)."""
 
 
 def _get(cfg: Any, dotted: str) -> Any:

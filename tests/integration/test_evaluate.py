@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from invsr_pl.launch import checkpoint_provenance as CP
 from invsr_pl.systems import evaluation as EM
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -100,7 +101,7 @@ def test_evaluate_samples_tiny_study(tmp_path: Path, caplog: pytest.LogCaptureFi
     messages = [r.getMessage() for r in caplog.records]
     wrote = next(m for m in messages if m.startswith("Wrote "))
     assert str(tmp_path / "out") in wrote and "metrics.md" in wrote and "per_image.csv" in wrote
-    assert messages[-1] == ev.random_weights_warning(cfg)
+    assert messages[-1] == CP.random_weights_warning(cfg)
     assert "random (untrained) noise predictor" in messages[-1] and "'tiny'" in messages[-1]
     assert "ckpt_path=logs/quickstart/runs/<time>/checkpoints/last.ckpt" in messages[-1]
     # unavailable metrics are reported with the file to fetch, and did not abort the run
@@ -351,7 +352,7 @@ def _recorded_checkpoint(tmp_path: Path, *train_overrides: str) -> Path:
 def test_checkpoint_backbone_is_used_and_a_different_one_refused(tmp_path: Path) -> None:
     ckpt = _recorded_checkpoint(tmp_path, "experiment=quickstart", "scale=2")
     cfg = make_cfg(tmp_path, f"ckpt_path={ckpt}")
-    ev.use_checkpoint_provenance(cfg)
+    CP.use_checkpoint_provenance(cfg)
     assert cfg.model.backbone._target_.endswith("load_tiny_trained_sd_turbo")  # not the default random tiny
     assert cfg.scale == 2 and cfg.data.test_datasets.samples.scale == 2  # the benchmark follows
     assert cfg.seed == 123456 and cfg.model.seed == 123456  # validation's SR seed
@@ -359,7 +360,7 @@ def test_checkpoint_backbone_is_used_and_a_different_one_refused(tmp_path: Path)
 
     cfg = make_cfg(tmp_path, f"ckpt_path={ckpt}", "model/backbone=tiny")
     with pytest.raises(ev.SetupError) as info:
-        ev.use_checkpoint_provenance(cfg)
+        CP.use_checkpoint_provenance(cfg)
     message = str(info.value)
     assert "\n" not in message
     for part in (
@@ -373,16 +374,16 @@ def test_checkpoint_backbone_is_used_and_a_different_one_refused(tmp_path: Path)
     assert "allow_backbone_mismatch" in cfg  # the key the message names exists in the config
 
     cfg = make_cfg(tmp_path, f"ckpt_path={ckpt}", "model/backbone=tiny", "allow_backbone_mismatch=true")
-    ev.use_checkpoint_provenance(cfg)
+    CP.use_checkpoint_provenance(cfg)
     assert cfg.model.backbone._target_.endswith("build_tiny_sd_turbo")  # named on purpose: kept
     cfg = make_cfg(tmp_path, f"ckpt_path={ckpt}", "model/backbone=tiny_trained", "scale=4")
-    ev.use_checkpoint_provenance(cfg)  # the same backbone named explicitly is fine
+    CP.use_checkpoint_provenance(cfg)  # the same backbone named explicitly is fine
     assert cfg.scale == 4
 
     official = tmp_path / "noise_predictor_sd_turbo_v5.pth"
     torch.save({"encoder.conv_in.weight": torch.zeros(1)}, official)
     cfg = make_cfg(tmp_path, f"ckpt_path={official}")
-    assert ev.use_checkpoint_provenance(cfg) is None  # official weights carry nothing: config unchanged
+    assert CP.use_checkpoint_provenance(cfg) is None  # official weights carry nothing: config unchanged
     assert cfg.model.backbone._target_.endswith("build_tiny_sd_turbo") and cfg.seed == 0
 
 
