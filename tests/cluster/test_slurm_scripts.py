@@ -6,7 +6,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import CLUSTER_SCRIPT, REPO_ROOT, TRAIN_SBATCH
+from slurm_helpers import CLUSTER_SCRIPT, REPO_ROOT, TRAIN_SBATCH
 
 
 def test_readme_shows_the_tested_sbatch_script() -> None:

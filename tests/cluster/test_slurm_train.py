@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_SBATCH, TINY_TRAIN, TRAIN_SBATCH, Cluster, load_checkpoint
+from slurm_helpers import REPO_ROOT, TINY_SBATCH, TINY_TRAIN, TRAIN_SBATCH, Cluster, load_checkpoint
 
 from callbacks.ema import EMA_CHECKPOINT_KEY
 
