@@ -15,6 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from datamodules.two_afc import TwoAFCDataModule
 from datamodules.two_afc_synthetic import SyntheticTwoAFC
+from invsr_pl.cli.export_latent_lpips import main
 from invsr_pl.losses.perceptual import LatentLPIPS
 from invsr_pl.models.tiny import build_tiny_sd_turbo, tiny_vae_config
 from invsr_pl.systems.latent_lpips import (
@@ -22,7 +23,6 @@ from invsr_pl.systems.latent_lpips import (
     TwoAFCScore,
     export_checkpoint,
     lr_factor,
-    main,
     two_afc_score,
 )
 
