@@ -41,6 +41,6 @@ def test_x2_quickstart_trains_and_its_noise_predictor_gives_2x(train_cfg: MakeCf
     write_image(src, torch.rand(3, 24, 40, generator=torch.Generator().manual_seed(0)))
     out = tmp_path / "out"
     for source in (exported, ckpt):  # the exported folder and the training checkpoint itself
-        args = ["--backbone", "tiny", "--noise-predictor", str(source), "--device", "cpu", "--no-progress"]
+        args = ["--noise-predictor", str(source), "--device", "cpu", "--no-progress"]  # the recorded backbone
         assert sr_main([str(src), "-o", str(out / source.name), *args]) == 0
         assert read_image(out / source.name / "photo.png").image.shape == (3, 48, 80)  # exactly 2x
