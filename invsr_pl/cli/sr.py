@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from invsr_pl.models.builtin import SD_TURBO_RANDOM, TINY, TINY_TRAINED
 from invsr_pl.utils.errors import SetupError
 from invsr_pl.utils.images import (
     IMAGE_EXTENSIONS,
@@ -48,9 +49,11 @@ from invsr_pl.utils.images import (
     ImageReadError,
     ImageTooLargeError,
     list_images,
+    output_name,
     probe_image,
 )
 from invsr_pl.utils.quiet import quiet_dependencies
+from invsr_pl.utils.seeding import DEFAULT_SEED
 
 if TYPE_CHECKING:
     import torch
@@ -66,9 +69,7 @@ __all__ = [
     "output_name",
 ]
 
-DEFAULT_SEED = 12345  # the official sample-sd-turbo.yaml seed (docs/sampling.md)
 DEFAULT_BACKBONE = "stabilityai/sd-turbo"
-TINY, TINY_TRAINED, SD_TURBO_RANDOM = "tiny", "tiny_trained", "sd_turbo_random"
 # = invsr_pl.sampling.color_fix.COLOR_FIX_METHODS, spelled out so that --help does not import torch (a unit
 # test keeps the two equal)
 COLOR_FIX_CHOICES = ("none", "wavelet", "ycbcr", "adain")
@@ -514,16 +515,6 @@ def build_models(args: argparse.Namespace):  # -> (FrozenSDTurbo, NoisePredictor
 
 
 # ---------------------------------------------------------------------------------------------- the plan
-def output_name(stem: str, ext: str = "png", suffix: str = "", page: int | None = None) -> str:
-    """The file name an input gets: ``<stem>[_p<page>][_<suffix>].<ext>`` (``page`` counts from 1).
-
-    ``stem`` is the input's stem, or ``<stem>_<input ext>`` when inputs share a stem. The default is
-    ``<stem>.png``; ``invsr-demo`` names its downloads by the same rule.
-    """
-    name = stem + (f"_p{page}" if page is not None else "") + (f"_{suffix}" if suffix else "")
-    return f"{name}.{ext.lstrip('.')}"
-
-
 def _output_ext(src: Path, info: ImageInfo, ext: str) -> str:
     """The output format of ``src``: ``--ext``, or for ``auto`` the input's own; png when the format
     cannot hold the image's alpha channel (jpg, bmp)."""

@@ -1,6 +1,6 @@
 """``invsr-sweep-summary DIR [--metric NAME] [--mode max|min] [--noise X] [--output DIR]``.
 
-Also ``python -m invsr_pl.sweeps``.
+Also ``python -m invsr_pl.cli.sweep_summary``.
 
 Rebuilds the summary of a finished (or interrupted) multirun folder, e.g. one copied back from a cluster.
 Exit codes: 0 every job reported the metric, 1 some did not (the summary is still written, those rows last),
@@ -61,3 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
-from invsr_pl.cli.sr import DEFAULT_SEED, output_name
 from invsr_pl.demo.budget import RequestBudget, RequestCost, request_cost
 from invsr_pl.demo.errors import RequestError, visitor_message
 from invsr_pl.demo.stopping import JobCancelled, JobTimeout, NetworkStops, StopSwitch
@@ -37,7 +36,8 @@ from invsr_pl.sampling.color_fix import COLOR_FIX_METHODS
 from invsr_pl.sampling.oom import OutOfMemoryFallbackError
 from invsr_pl.sampling.sampler import InvSRSampler
 from invsr_pl.utils.atomic import atomic_write
-from invsr_pl.utils.images import ImageReadError, read_image, resize_image, write_image
+from invsr_pl.utils.images import ImageReadError, output_name, read_image, resize_image, write_image
+from invsr_pl.utils.seeding import DEFAULT_SEED
 
 __all__ = ["SEED_MAX", "BatchResult", "RequestError", "Result", "Settings", "Upscaler", "batch_names"]
 

@@ -46,6 +46,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, EulerDiscreteScheduler, 
 from diffusers.utils import BaseOutput
 from torch import Tensor, nn
 
+from invsr_pl.models.builtin import BUILTIN_BACKBONES, SD_TURBO_RANDOM, TINY_TRAINED
 from invsr_pl.models.loading import load_noise_predictor
 from invsr_pl.models.noise_predictor import NoisePredictor
 from invsr_pl.models.sd_turbo import (
@@ -65,6 +66,7 @@ from invsr_pl.sampling.oom import sample_with_fallback
 from invsr_pl.sampling.sampler import InvSRSampler
 from invsr_pl.utils.images import resize_image
 from invsr_pl.utils.provenance import read_provenance
+from invsr_pl.utils.seeding import DEFAULT_SEED
 
 __all__ = [
     "BUILTIN_BACKBONES",
@@ -74,9 +76,6 @@ __all__ = [
     "model_index",
 ]
 
-DEFAULT_SEED = 12345  # the official sample-sd-turbo.yaml seed (docs/sampling.md)
-TINY, TINY_TRAINED, SD_TURBO_RANDOM = "tiny", "tiny_trained", "sd_turbo_random"
-BUILTIN_BACKBONES = (TINY, TINY_TRAINED, SD_TURBO_RANDOM)
 _BACKBONE_PARTS = ("vae", "unet", "scheduler", "text_encoder", "tokenizer")
 
 

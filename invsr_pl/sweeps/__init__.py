@@ -13,7 +13,7 @@ folder:
 - ``summary.png``: the optimised metric per job as a point plot, the best job highlighted.
 
 Everything is read from what the jobs left on disk, so the same summary can be rebuilt later from a folder
-copied back from a cluster (``invsr-sweep-summary DIR`` or ``python -m invsr_pl.sweeps DIR``):
+copied back from a cluster (``invsr-sweep-summary DIR``, i.e. ``python -m invsr_pl.cli.sweep_summary DIR``):
 
 - job folders are the parents of ``.hydra/overrides.yaml`` below the multirun folder; the job number comes
   from ``.hydra/hydra.yaml``, the optimised metric's name from ``optimized_metric`` in ``.hydra/config.yaml``;
@@ -27,7 +27,6 @@ files), :mod:`~invsr_pl.sweeps.callback` (the Hydra callback); the command is
 :mod:`~invsr_pl.cli.sweep_summary`.
 """
 
-from invsr_pl.cli.sweep_summary import main
 from invsr_pl.sweeps.callback import SweepSummaryCallback
 from invsr_pl.sweeps.report import (
     SUMMARY_FILES,
@@ -63,7 +62,6 @@ __all__ = [
     "build_summary",
     "find_jobs",
     "lead_verdict",
-    "main",
     "read_job",
     "read_logged_history",
     "read_logged_metrics",

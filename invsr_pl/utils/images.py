@@ -460,3 +460,13 @@ def resize_image(image: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
         return image
     out = F.interpolate(image[None].float(), size=size, mode="bicubic", antialias=True, align_corners=False)
     return out[0].clamp(0, 1)
+
+
+def output_name(stem: str, ext: str = "png", suffix: str = "", page: int | None = None) -> str:
+    """The file name an input gets: ``<stem>[_p<page>][_<suffix>].<ext>`` (``page`` counts from 1).
+
+    ``stem`` is the input's stem, or ``<stem>_<input ext>`` when inputs share a stem. The default is
+    ``<stem>.png``; ``invsr-demo`` names its downloads by the same rule.
+    """
+    name = stem + (f"_p{page}" if page is not None else "") + (f"_{suffix}" if suffix else "")
+    return f"{name}.{ext.lstrip('.')}"

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
+# The default seed of every SR path (invsr-sr --seed, the demo, InvSRPipeline with generator=None): the
+# official sample-sd-turbo.yaml seed (docs/sampling.md).
+DEFAULT_SEED = 12345
+
 
 def stable_seed(*parts: int | str) -> int:
     """A 63-bit seed that depends only on ``parts`` (never on Python's per-process ``hash()`` salt).

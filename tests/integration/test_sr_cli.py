@@ -268,10 +268,9 @@ def test_help_imports_no_heavy_library() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_one_default_seed_and_backbone_names_with_the_pipeline() -> None:
-    """sr.py spells these out so that --help imports no torch; they must stay the pipeline's."""
+def test_the_default_seed_is_the_pipelines() -> None:
+    """invsr-sr's --seed default and InvSRPipeline's generator=None draw the same noise (one DEFAULT_SEED)."""
     from invsr_pl.cli import sr
-    from invsr_pl.pipelines import pipeline_invsr
+    from invsr_pl.utils.seeding import DEFAULT_SEED
 
-    assert sr.DEFAULT_SEED == pipeline_invsr.DEFAULT_SEED
-    assert (sr.TINY, sr.TINY_TRAINED, sr.SD_TURBO_RANDOM) == pipeline_invsr.BUILTIN_BACKBONES
+    assert sr.build_parser().parse_args(["in.png", "-o", "out"]).seed == DEFAULT_SEED

@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from invsr_pl import sweeps
+from invsr_pl.cli import sweep_summary
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # 2 processes over gloo with Lightning's re-executing launcher (not spawn); each rank saves its weights into
@@ -103,7 +104,7 @@ def test_two_job_multirun_writes_a_summary(tmp_path: Path) -> None:
     # the command rebuilds the same table from the folder alone
     before = (sweep_dir / "summary.csv").read_text()
     (sweep_dir / "summary.csv").unlink()
-    assert sweeps.main([str(sweep_dir)]) == 0
+    assert sweep_summary.main([str(sweep_dir)]) == 0
     assert (sweep_dir / "summary.csv").read_text() == before
 
 
@@ -149,7 +150,7 @@ def test_failed_job_still_leaves_a_summary(tmp_path: Path) -> None:
     md = (sweep_dir / "summary.md").read_text()
     failed = next(line for line in md.splitlines() if line.startswith("- job 0 (`0`): "))
     assert "dis_update_freq" in failed  # the error, on one line
-    assert sweeps.main([str(sweep_dir)]) == 1  # rebuilding: jobs without a value
+    assert sweep_summary.main([str(sweep_dir)]) == 1  # rebuilding: jobs without a value
 
 
 @pytest.mark.slow

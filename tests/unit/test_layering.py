@@ -138,3 +138,15 @@ def test_no_import_cycles() -> None:
         if v not in index:
             visit(v)
     assert not cycles
+
+
+@pytest.mark.parametrize("layer", ["invsr_pl.demo", "invsr_pl.sweeps", "invsr_pl.systems", "invsr_pl.launch"])
+def test_nothing_but_commands_imports_the_commands(layer: str) -> None:
+    """``cli/`` is the top floor: the demo engine, the sweep summary, systems and run assembly never reach
+    into a command for its names (one default seed, one output naming rule, one SetupError below it)."""
+    upward = {
+        name: [t for t in targets if _within(t, ("invsr_pl.cli",))]
+        for name, targets in GRAPH.items()
+        if _within(name, (layer,))
+    }
+    assert not {k: v for k, v in upward.items() if v}

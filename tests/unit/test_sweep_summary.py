@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from invsr_pl import sweeps
+from invsr_pl.cli import sweep_summary
 
 
 def _job(
@@ -141,21 +142,21 @@ def test_later_step_wins_across_loggers(tmp_path: Path) -> None:
 
 
 def test_command_exit_codes(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert sweeps.main([str(sweep)]) == 1  # job 2 has no value: summary written, exit 1
+    assert sweep_summary.main([str(sweep)]) == 1  # job 2 has no value: summary written, exit 1
     assert "1 of 3 jobs have no val/psnr_1step: 2" in capsys.readouterr().err
     assert (sweep / "summary.csv").is_file()
     out = tmp_path / "elsewhere"
-    assert sweeps.main([str(sweep), "--metric", "val/ssim_1step", "--output", str(out)]) == 1
+    assert sweep_summary.main([str(sweep), "--metric", "val/ssim_1step", "--output", str(out)]) == 1
     assert next(csv.DictReader((out / "summary.csv").read_text().splitlines()))["job"] == "1"
-    assert sweeps.main([str(tmp_path / "missing")]) == 2
+    assert sweep_summary.main([str(tmp_path / "missing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert sweeps.main([str(empty)]) == 2
+    assert sweep_summary.main([str(empty)]) == 2
     done = tmp_path / "done"
     for i in range(2):
         _job(done, i, [f"a={i}"], record={"status": "completed", "return_value": float(i)})
-    assert sweeps.main([str(done)]) == 0
+    assert sweep_summary.main([str(done)]) == 0
 
 
 def _validated(root: Path, num: int, psnrs: list[float]) -> None:
@@ -200,5 +201,5 @@ def test_clear_lead_and_unknown_noise(tmp_path: Path) -> None:
     summary = sweeps.build_summary(once)
     assert summary.lead().noise is None and summary.lead().within_noise is None
     assert "the validation noise is unknown" in sweeps.summary_markdown(summary)
-    assert sweeps.main([str(once), "--noise", "0.2"]) == 0
+    assert sweep_summary.main([str(once), "--noise", "0.2"]) == 0
     assert "within the stated validation noise 0.2000" in (once / "summary.md").read_text()
