@@ -171,7 +171,8 @@ def read_provenance(path: str | Path) -> dict[str, Any] | None:
 
     Args:
         path: a ``train.py`` ``.ckpt`` (``checkpoint[PROVENANCE_KEY]``), an ``invsr-export`` folder
-            (``<folder>/invsr_provenance.json``) or a ``.safetensors`` inside one. Official ``.pth`` files,
+            (``<folder>/invsr_provenance.json``), its ``noise_predictor/`` subfolder or a ``.safetensors``
+            in either (the record is looked up from the file's folder and its parent). Official ``.pth`` files,
             older checkpoints and folders without the file give None (today's behaviour: nothing to check).
 
     Raises:
@@ -182,9 +183,12 @@ def read_provenance(path: str | Path) -> dict[str, Any] | None:
     if not path.exists():
         raise FileNotFoundError(f"noise predictor {path} does not exist")
     if path.is_dir() or path.suffix == ".safetensors":
-        record = (path if path.is_dir() else path.parent) / EXPORT_FILE
-        if not record.is_file():
+        folder = path if path.is_dir() else path.parent
+        # the export root, or its noise_predictor/ subfolder (diffusers' subfolder layout)
+        found = [f / EXPORT_FILE for f in (folder, folder.parent) if (f / EXPORT_FILE).is_file()]
+        if not found:
             return None
+        record = found[0]
         try:
             data = json.loads(record.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:

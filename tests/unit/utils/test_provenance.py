@@ -68,6 +68,11 @@ def test_read_provenance_from_checkpoint_folder_and_official_file(tmp_path: Path
     (folder / P.EXPORT_FILE).write_text(json.dumps(record))
     assert P.read_provenance(folder) == record
     assert P.read_provenance(folder / "model.safetensors") == record
+    sub = folder / "noise_predictor"  # invsr-export's diffusers subfolder: the record is one level up
+    sub.mkdir()
+    (sub / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    assert P.read_provenance(sub) == record
+    assert P.read_provenance(sub / "diffusion_pytorch_model.safetensors") == record
 
     official = tmp_path / "noise_predictor_sd_turbo_v5.pth"
     torch.save({"encoder.x": torch.zeros(1)}, official)
