@@ -172,8 +172,9 @@ def read_provenance(path: str | Path) -> dict[str, Any] | None:
     Args:
         path: a ``train.py`` ``.ckpt`` (``checkpoint[PROVENANCE_KEY]``), an ``invsr-export`` folder
             (``<folder>/invsr_provenance.json``), its ``noise_predictor/`` subfolder or a ``.safetensors``
-            in either (the record is looked up from the file's folder and its parent). Official ``.pth`` files,
-            older checkpoints and folders without the file give None (today's behaviour: nothing to check).
+            in either (the record is looked up from the file's folder and its parent). Official ``.pth``
+            files, older checkpoints and folders without the file give None (today's behaviour: nothing to
+            check).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
