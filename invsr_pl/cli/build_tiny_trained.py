@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -357,6 +358,7 @@ def build(recipe: dict[str, Any] | None = None, log=print) -> tuple[dict[str, Te
         "recipe": json.dumps(recipe),
         "torch_version": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "diffusers_version": diffusers.__version__,  # its UNet's numerics are part of the recipe too
     }
     return tensors, metadata
 
