@@ -86,35 +86,11 @@ def _wait_two_nodes(nodes: list[subprocess.Popen], timeout: float = 300) -> None
 
 @pytest.mark.slow
 def test_two_torchrun_nodes_train_like_one_process(tmp_path: Path) -> None:
-    port = _free_port()
     two = tmp_path / "two"
-    nodes = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nnodes=2",
-                f"--node_rank={rank}",
-                "--nproc_per_node=1",
-                "--master_addr=127.0.0.1",
-                f"--master_port={port}",
-                "train.py",
-                *TINY,
-                "trainer.devices=1",
-                "trainer.num_nodes=2",
-                f"+callbacks.record.folder={two}",
-                f"paths.log_dir={tmp_path / 'logs'}",
-                f"hydra.run.dir={two / 'run'}",
-            ],
-            cwd=REPO_ROOT,
-            env=_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )  # fmt: skip
-        for rank in (0, 1)
-    ]
+    nodes = _start_two_nodes(
+        "train.py", *TINY, "trainer.devices=1", "trainer.num_nodes=2", f"+callbacks.record.folder={two}",
+        f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={two / 'run'}",
+    )  # fmt: skip
     one = tmp_path / "one"
     single = subprocess.run(
         [sys.executable, "train.py", *TINY, "trainer.devices=1", f"+callbacks.record.folder={one}",
