@@ -9,6 +9,9 @@ install: ## editable install with test/lint tools
 test: ## the CI suite (GPU / network tests skip themselves)
 	python -m pytest -q
 
+test-distributed: ## the multi-process runs: torchrun nodes, the SLURM cluster, DDP sweeps
+	python -m pytest -q -m distributed
+
 test-fast: ## skip the slow end-to-end tests
 	python -m pytest -q -m "not slow"
 

@@ -24,7 +24,7 @@ from slurm_helpers import REPO_ROOT, TINY_SBATCH, TINY_TRAIN, TRAIN_SBATCH, Clus
 
 from callbacks.ema import EMA_CHECKPOINT_KEY
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 EMA_KEY = EMA_CHECKPOINT_KEY
 

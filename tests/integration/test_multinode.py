@@ -85,6 +85,7 @@ def _wait_two_nodes(nodes: list[subprocess.Popen], timeout: float = 300) -> None
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_two_torchrun_nodes_train_like_one_process(tmp_path: Path) -> None:
     two = tmp_path / "two"
     nodes = _start_two_nodes(
@@ -112,6 +113,7 @@ def test_two_torchrun_nodes_train_like_one_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_two_torchrun_nodes_evaluate_into_one_table(tmp_path: Path) -> None:
     out = tmp_path / "out"
     nodes = _start_two_nodes(
@@ -133,6 +135,7 @@ def test_two_torchrun_nodes_evaluate_into_one_table(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_sigterm_on_one_node_stops_both_after_the_same_iteration(tmp_path: Path) -> None:
     """Only node 1 gets SIGTERM (after iteration 2): both nodes save one last.ckpt at the same iteration and
     exit 143, instead of node 1 waiting in the checkpoint's barrier for a peer that trains on (docs/slurm.md).

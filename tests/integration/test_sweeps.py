@@ -154,6 +154,7 @@ def test_failed_job_still_leaves_a_summary(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_sweep_of_ddp_jobs(tmp_path: Path) -> None:
     """``-m`` over list values with ``trainer.devices=2``: each job is one 2-process run of its own overrides
     in its own folder; the sweep returns rank 0's metric and writes the only summary."""
@@ -180,6 +181,7 @@ def test_sweep_of_ddp_jobs(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_a_failing_ddp_job_fails_alone(tmp_path: Path) -> None:
     """Job 0's value is refused by the constructor in its own process (exit 2, one line); the sweep goes on
     to job 1, and the summary lists both."""
@@ -199,6 +201,7 @@ def test_a_failing_ddp_job_fails_alone(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_optuna_over_ddp_jobs(tmp_path: Path) -> None:
     """2 Optuna trials of 2-process jobs: each trial's value is rank 0's final metric, told once."""
     import hydra
