@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from hydra.core.hydra_config import HydraConfig
 
 # Tiny models are dominated by per-op overhead, where extra intra-op threads only add contention on the
 # 2-core CI machine (measured: a sampler test file went from 115 s to 25 s). Override with INVSR_TEST_THREADS.
@@ -30,3 +31,12 @@ def _offline_hub(monkeypatch: pytest.MonkeyPatch) -> None:
     if os.environ.get("INVSR_RUN_NETWORK", "0") != "1":
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_hydra_config():
+    """Tests that compose with ``return_hydra_config`` set the process-wide HydraConfig; clear it after each
+    test, so that a later test does not run "inside" an earlier one's Hydra job (e.g. run names of the
+    trackers, command-line overrides read by evaluate.py)."""
+    yield
+    HydraConfig.instance().cfg = None
