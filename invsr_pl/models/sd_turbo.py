@@ -13,18 +13,32 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
+from invsr_pl.models.backbone import FrozenBackbone, resolve_dtype, seeded
 from invsr_pl.models.timesteps import (
     SD_TURBO_SCHEDULER_CONFIG,
+    add_noise,
     batch_index,
     build_scheduler,
-    lookup_sigma,
     scale_model_input,
     sigmas_from_alphas_cumprod,
+    x0_from_eps,
 )
-from invsr_pl.utils.offline import hub_offline
+from invsr_pl.models.weights_folder import BackboneWeightsNotFound, WeightsSpec, not_found
+from invsr_pl.models.weights_folder import resolve_folder as resolve_weights_folder
+
+__all__ = [
+    "DEFAULT_MODEL_ID",
+    "POSITIVE_PROMPT",
+    "BackboneWeightsNotFound",
+    "FrozenSDTurbo",
+    "build_from_configs",
+    "embed_prompt",
+    "encode_prompt",
+    "resolve_dtype",
+    "resolve_folder",
+]
 
 # docs/conventions.md: the positive prompt is used for training, validation and inference at every step.
 POSITIVE_PROMPT = (
@@ -92,81 +106,22 @@ SD_TURBO_VAE_CONFIG: dict[str, Any] = {
 }
 _PROMPT_TOKENS = 77  # CLIP context length (docs/conventions.md)
 
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
-
-
-class BackboneWeightsNotFound(FileNotFoundError):
-    """SD-Turbo weights are in neither the given folder nor the local hub cache; the hub is unreachable."""
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
-    """Weight dtype from a config string.
-
-    Args:
-        dtype: ``"auto"`` (fp16 on CUDA, fp32 on CPU), ``"fp32"``/``"float32"``, ``"fp16"``/``"float16"``,
-            ``"bf16"``/``"bfloat16"``, or a ``torch.dtype``.
-        device: target device for ``"auto"``; ``None`` means CUDA when available (Lightning moves it there).
-    """
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _DTYPES.values():
-            raise ValueError(f"unsupported backbone dtype {dtype}; use float32, float16 or bfloat16")
-        return dtype
-    key = str(dtype).lower()
-    if key == "auto":
-        on_cuda = torch.device(device).type == "cuda" if device is not None else torch.cuda.is_available()
-        return torch.float16 if on_cuda else torch.float32  # docs/conventions.md: fp16 weights on GPU
-    if key not in _DTYPES:
-        raise ValueError(f"unknown backbone dtype {dtype!r}; use one of 'auto', {sorted(_DTYPES)}")
-    return _DTYPES[key]
+WEIGHTS = WeightsSpec(
+    name="SD-Turbo",
+    model_id=DEFAULT_MODEL_ID,
+    subfolders=REQUIRED_SUBFOLDERS,
+    layout=_EXPECTED_LAYOUT,
+    hub_patterns=_HUB_PATTERNS,
+)
 
 
 def _not_found(model: str, reason: str) -> BackboneWeightsNotFound:
-    return BackboneWeightsNotFound(
-        f"SD-Turbo weights for {model!r} could not be loaded: {reason}. Download them once where the Hugging "
-        f"Face hub is reachable (e.g. `hf download {DEFAULT_MODEL_ID} --local-dir "
-        "/path/to/sd-turbo`), then point the config at the folder: `model.backbone.model=/path/to/sd-turbo`. "
-        f"The folder must have the diffusers layout: {_EXPECTED_LAYOUT}."
-    )
+    return not_found(WEIGHTS, model, reason)
 
 
 def resolve_folder(model: str, revision: str | None, cache_dir: str | None) -> Path:
-    """Local folder with the diffusers layout for ``model`` (a folder path or a hub id); never waits on the
-    network when offline: the local cache is tried first, the hub only when it is not disabled."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        missing = [sub for sub in REQUIRED_SUBFOLDERS if not (path / sub).is_dir()]
-        if missing:
-            raise _not_found(model, f"the folder {path} lacks the subfolders {missing}")
-        return path
-    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:
-        raise _not_found(model, f"the folder {path} does not exist")
-
-    from huggingface_hub import snapshot_download
-
-    kwargs = {"revision": revision, "cache_dir": cache_dir, "allow_patterns": _HUB_PATTERNS}
-    try:
-        return Path(snapshot_download(model, local_files_only=True, **kwargs))
-    except Exception as local_err:  # noqa: BLE001 - any cache miss falls through to the hub or a clear error
-        if hub_offline():
-            raise _not_found(
-                model,
-                "it is not an existing folder, not in the local Hugging Face cache, and the hub is offline "
-                "(HF_HUB_OFFLINE=1)",
-            ) from local_err
-    try:
-        return Path(snapshot_download(model, **kwargs))
-    except Exception as err:  # noqa: BLE001 - network/auth errors of several libraries
-        raise _not_found(
-            model, f"download from the Hugging Face hub failed ({type(err).__name__}: {err})"
-        ) from err
+    """Local SD-Turbo folder for ``model`` (a folder or hub id): :func:`weights_folder.resolve_folder`."""
+    return resolve_weights_folder(WEIGHTS, model, revision, cache_dir)
 
 
 @torch.no_grad()
@@ -201,11 +156,12 @@ def embed_prompt(tokenizer: Any, text_encoder: nn.Module, prompt: str) -> Tensor
     return text_encoder(ids.to(device))[0]
 
 
-class FrozenSDTurbo(nn.Module):
+class FrozenSDTurbo(FrozenBackbone):
     """Frozen SD-Turbo: VAE encode/decode, epsilon and x0 prediction in the VE (Euler) parameterisation.
 
     Conventions (docs/conventions.md): latents are *scaled* (posterior sample * 0.18215), float32 at the
-    edges; ``index`` is the diffusion index (user timestep - 1); ``z_t = z + sigma * eps``.
+    edges; ``index`` is the diffusion index (user timestep - 1); ``z_t = z + sigma * eps``; the sampler's
+    direction is the predicted noise, so a step continues from ``x0_hat + sigma_next * eps_hat``.
 
     Args:
         unet: SD-Turbo's ``UNet2DConditionModel`` (or a tiny twin).
@@ -213,6 +169,7 @@ class FrozenSDTurbo(nn.Module):
         scheduler: ``EulerDiscreteScheduler``; kept only for its config and ``alphas_cumprod``.
         prompt_embeds: ``(1, 77, cross_attention_dim)`` prompt embedding, cached as a buffer.
         dtype: weight dtype (see :func:`resolve_dtype`); ``None`` keeps the UNet's current dtype.
+        execution_device: see :class:`~invsr_pl.models.backbone.FrozenBackbone`.
     """
 
     def __init__(
@@ -222,25 +179,23 @@ class FrozenSDTurbo(nn.Module):
         scheduler: EulerDiscreteScheduler,
         prompt_embeds: Tensor,
         dtype: str | torch.dtype | None = None,
+        execution_device: torch.device | None = None,
+        **conditioning: Tensor | None,
     ) -> None:
-        super().__init__()
-        weight_dtype = next(unet.parameters()).dtype if dtype is None else resolve_dtype(dtype)
         d = unet.config.cross_attention_dim
         if prompt_embeds.ndim != 3 or prompt_embeds.shape[0] != 1 or prompt_embeds.shape[2] != d:
             raise ValueError(f"prompt_embeds must be (1, tokens, {d}), got {tuple(prompt_embeds.shape)}")
-        self.unet = unet
-        self.vae = vae
-        self.scheduler = scheduler
-        # Freeze, eval and cast before anything can wrap the modules (docs/lightning.md).
-        self.requires_grad_(False)
-        for part in (self.unet, self.vae):
-            if any(p.dtype != weight_dtype for p in part.parameters()):
-                part.to(weight_dtype)
-        super().train(False)
-        # Derived data, not weights: kept out of checkpoints (persistent=False) but moved with .to(device).
         sigmas = sigmas_from_alphas_cumprod(scheduler.alphas_cumprod)  # (1000,) ascending (conventions.md)
-        self.register_buffer("sigmas", sigmas, persistent=False)
-        self.register_buffer("prompt_embeds", prompt_embeds.detach().to(weight_dtype), persistent=False)
+        super().__init__(
+            unet,
+            vae,
+            scheduler,
+            sigmas,
+            prompt_embeds,
+            dtype,
+            execution_device=execution_device,
+            **conditioning,
+        )
 
     # ---------------------------------------------------------------- construction
 
@@ -253,6 +208,8 @@ class FrozenSDTurbo(nn.Module):
         revision: str | None = None,
         cache_dir: str | None = None,
         device: str | None = None,
+        latent_channels: int | None = None,
+        cross_attention_dim: int | None = None,
     ) -> FrozenSDTurbo:
         """Load SD-Turbo from a hub id or a local folder with the diffusers layout.
 
@@ -263,9 +220,12 @@ class FrozenSDTurbo(nn.Module):
             prompt: text embedded once with the text encoder (which is then released).
             revision: hub revision; cache_dir: hub cache folder.
             device: where to put the weights (``None``: CPU; Lightning moves the module later).
+            latent_channels / cross_attention_dim: the geometry the config expects (what the noise predictor,
+                discriminator and latent LPIPS are built for); checked against the loaded model, None: any.
 
         Raises:
             BackboneWeightsNotFound: the weights are not available locally and the hub is offline/unreachable.
+            ValueError: the loaded model's geometry differs from the expected one.
         """
         target = torch.device(device) if device is not None else torch.device("cpu")
         weight_dtype = resolve_dtype(dtype, device)
@@ -279,7 +239,8 @@ class FrozenSDTurbo(nn.Module):
             prompt_embeds = encode_prompt(folder, prompt, weight_dtype, target)
         except OSError as err:  # diffusers/transformers report missing files as OSError/EnvironmentError
             raise _not_found(str(model), f"files are missing in {folder} ({err})") from err
-        return cls(unet, vae, scheduler, prompt_embeds, dtype=weight_dtype).to(target)
+        backbone = cls(unet, vae, scheduler, prompt_embeds, dtype=weight_dtype).to(target)
+        return backbone.check_geometry(latent_channels, cross_attention_dim, source=str(model))
 
     @classmethod
     def random_sd_turbo(cls, seed: int = 0, dtype: str = "float32") -> FrozenSDTurbo:
@@ -289,102 +250,18 @@ class FrozenSDTurbo(nn.Module):
         """
         return build_from_configs(SD_TURBO_UNET_CONFIG, SD_TURBO_VAE_CONFIG, seed=seed, dtype=dtype)
 
-    # ---------------------------------------------------------------- properties
+    # ---------------------------------------------------------------- geometry
 
     @property
-    def dtype(self) -> torch.dtype:
-        """Weight dtype of the UNet and VAE."""
-        return self.unet.conv_in.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.conv_in.weight.device
-
-    @property
-    def vae_scale_factor(self) -> int:
-        """Spatial factor image -> latent (8)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.vae.config.latent_channels)
-
-    @property
-    def scaling_factor(self) -> float:
-        return float(self.vae.config.scaling_factor)
-
-    @property
-    def cross_attention_dim(self) -> int:
-        return int(self.unet.config.cross_attention_dim)
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.scheduler.config.num_train_timesteps)
-
-    # ---------------------------------------------------------------- modes
-
-    def train(self, mode: bool = True) -> FrozenSDTurbo:
-        """Always eval: the prior is frozen; Lightning's ``model.train()`` must not switch dropout on."""
-        return super().train(False)
-
-    def enable_gradient_checkpointing(self) -> None:
-        """Checkpoint the UNet's blocks; gradients still flow *through* the frozen UNet into the NP."""
-        self.unet.enable_gradient_checkpointing()
+    def latent_multiple(self) -> int:
+        """The UNet's spatial factor: 2 ** (number of down blocks - 1) (8 for SD-Turbo, docs/sampling.md)."""
+        return 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     # ---------------------------------------------------------------- maths
 
-    def sigma(self, index: Tensor | int) -> Tensor:
-        """``(B,)`` float32 VE noise level per diffusion index, on the index's device (conventions.md)."""
-        return lookup_sigma(self.sigmas, index)
-
-    def _check_image(self, image: Tensor) -> None:
-        f = self.vae_scale_factor
-        if image.ndim != 4 or image.shape[1] != 3:
-            raise ValueError(f"image must be (B, 3, H, W) in [0, 1], got {tuple(image.shape)}")
-        if image.shape[-2] % f or image.shape[-1] % f:
-            raise ValueError(f"image size {tuple(image.shape[-2:])} must be a multiple of {f} (VAE factor)")
-
-    def encode(
-        self,
-        image: Tensor,
-        generator: torch.Generator | None = None,
-        sample: bool = True,
-        noise: Tensor | None = None,
-    ) -> Tensor:
-        """Image -> scaled latent.
-
-        Args:
-            image: ``(B, 3, H, W)`` float in [0, 1]; H, W multiples of 8.
-            generator: for the posterior sample (determinism); ``None`` uses the global RNG.
-            sample: posterior *sample* (default, as the official code, docs/deviations.md) or its mean.
-            noise: ``(B, 4, H/8, W/8)`` standard normal draw for the posterior sample, used instead of drawing
-                one from ``generator`` (the sampler draws it itself so padded rows draw nothing).
-
-        Returns:
-            ``(B, 4, H/8, W/8)`` float32 latent, ``z * scaling_factor``.
-        """
-        self._check_image(image)
-        x = image.to(device=self.device, dtype=self.dtype) * 2.0 - 1.0  # VAE works in [-1, 1]
-        posterior = self.vae.encode(x).latent_dist
-        mean = posterior.mean.float()
-        if sample:
-            if noise is None:
-                # Draw in fp32 so the sample does not depend on the weight dtype's noise resolution.
-                noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
-            elif noise.shape != mean.shape:
-                raise ValueError(f"noise shape {tuple(noise.shape)} != latent shape {tuple(mean.shape)}")
-            latent = mean + posterior.std.float() * noise.float()
-        else:
-            latent = mean
-        return latent * self.scaling_factor
-
-    def decode(self, latent: Tensor) -> Tensor:
-        """Scaled latent ``(B, 4, h, w)`` float -> image ``(B, 3, 8h, 8w)`` float32 in [0, 1] (clamped)."""
-        if latent.ndim != 4 or latent.shape[1] != self.latent_channels:
-            raise ValueError(f"latent must be (B, {self.latent_channels}, h, w), got {tuple(latent.shape)}")
-        z = (latent.float() / self.scaling_factor).to(device=self.device, dtype=self.dtype)
-        x = self.vae.decode(z, return_dict=False)[0]
-        return (x.float() / 2.0 + 0.5).clamp(0.0, 1.0)  # docs/sampling.md
+    def _added_conditions(self, batch: int) -> dict[str, Any]:
+        """Extra UNet keyword arguments (SDXL's ``added_cond_kwargs``); none for SD-Turbo."""
+        return {}
 
     def predict_eps(self, z_t: Tensor, index: Tensor | int) -> Tensor:
         """UNet noise prediction for the VE state ``z_t`` (docs/conventions.md, docs/sampling.md).
@@ -396,42 +273,34 @@ class FrozenSDTurbo(nn.Module):
         Returns:
             ``(B, 4, h, w)`` float32 ``eps_hat``. Differentiable w.r.t. ``z_t`` (weights are frozen).
         """
-        if z_t.ndim != 4 or z_t.shape[1] != self.latent_channels:
-            raise ValueError(f"z_t must be (B, {self.latent_channels}, h, w), got {tuple(z_t.shape)}")
+        self._check_latent(z_t, "z_t")
         idx = batch_index(index, z_t.shape[0], z_t.device)
         sigma = self.sigma(idx)  # (B,) float32
         x = scale_model_input(z_t.float(), sigma).to(self.dtype)  # VE -> VP input, z / sqrt(1 + sigma^2)
-        cond = self.prompt_embeds.to(z_t.device).expand(z_t.shape[0], -1, -1)
-        eps = self.unet(x, idx, encoder_hidden_states=cond, return_dict=False)[0]
+        cond = self._prompt_batch(z_t)
+        extra = self._added_conditions(z_t.shape[0])
+        eps = self.unet(x, idx, encoder_hidden_states=cond, return_dict=False, **extra)[0]
         return eps.float()
 
     def predict_x0(self, z_t: Tensor, index: Tensor | int) -> Tensor:
         """``(B, 4, h, w)`` float32 ``x0_hat = z_t - sigma * eps_hat`` (docs/conventions.md)."""
+        return self.denoise(z_t, index)[0]
+
+    def start_state(self, z_lq: Tensor, noise: Tensor, index: Tensor | int) -> Tensor:
+        """``z_t = z_lq + sigma_t * noise`` (VE form, the paper's Eq. 8 in SD-Turbo's parameterisation)."""
+        idx = batch_index(index, z_lq.shape[0], z_lq.device)
+        return z_lq.float() + self.sigma(idx).view(-1, 1, 1, 1) * noise.float()
+
+    def denoise(self, z_t: Tensor, index: Tensor | int) -> tuple[Tensor, Tensor]:
+        """``(x0_hat, eps_hat)`` with ``x0_hat = z_t - sigma * eps_hat`` (docs/conventions.md)."""
         idx = batch_index(index, z_t.shape[0], z_t.device)
         eps = self.predict_eps(z_t, idx)
-        return z_t.float() - self.sigma(idx).view(-1, 1, 1, 1) * eps
+        return x0_from_eps(z_t.float(), eps, self.sigma(idx)), eps
 
-    def invert_step(self, z_lq: Tensor, noise: Tensor, index: Tensor | int) -> tuple[Tensor, Tensor]:
-        """The one-step inversion of the paper (Sec. 3, Algorithm 1): start state, then one UNet call.
-
-        ``z_t = z_lq + sigma_t * noise`` (the LR latent moved onto the trajectory by the predicted noise),
-        ``x0_hat = z_t - sigma_t * eps_hat(z_t, t)``; used by training (every iteration) and by the sampler
-        (its first step). Differentiable w.r.t. ``noise`` (weights are frozen).
-
-        Args:
-            z_lq: ``(B, 4, h, w)`` scaled latent of the bicubic-upsampled LR image.
-            noise: ``(B, 4, h, w)`` start noise (the noise predictor's sample, or N(0, I)).
-            index: diffusion index: int or an integer tensor of shape (), (1,) or (B,).
-
-        Returns:
-            ``(x0_hat, eps_hat)``, both ``(B, 4, h, w)`` float32; a further Euler step continues from
-            ``x0_hat + sigma_next * eps_hat``.
-        """
-        idx = batch_index(index, z_lq.shape[0], z_lq.device)
-        sigma = self.sigma(idx).view(-1, 1, 1, 1)
-        z_t = z_lq.float() + sigma * noise.float()
-        eps = self.predict_eps(z_t, idx)
-        return z_t - sigma * eps, eps
+    def renoise(self, x0: Tensor, direction: Tensor, index: Tensor | int) -> Tensor:
+        """``x0_hat + sigma * eps_hat``: the deterministic Euler step (s_churn 0) to ``index``'s sigma."""
+        idx = batch_index(index, x0.shape[0], x0.device)
+        return add_noise(x0, direction, self.sigma(idx))
 
 
 def build_from_configs(
@@ -449,8 +318,7 @@ def build_from_configs(
         dtype: weight dtype (see :func:`resolve_dtype`).
         scheduler_config: defaults to SD-Turbo's (docs/conventions.md).
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         unet = UNet2DConditionModel(**unet_config)
         vae = AutoencoderKL(**vae_config)
         dim = unet.config.cross_attention_dim

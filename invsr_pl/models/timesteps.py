@@ -13,6 +13,9 @@ Conventions:
   ascending ``(1000,)`` float32 table so that ``sigmas[i]`` is the sigma of index ``i``.
 - VE form: ``z_t = z + sigma * eps``; the UNet sees ``z_t / sqrt(1 + sigma^2)`` (the standard VP sample) and
   ``x0_hat = z_t - sigma * eps_hat``.
+- Flow-matching priors (SD3.5, docs/backbones.md) use the same user timesteps: index ``i`` is the flow time
+  ``s_i = sigma_i / (1 + sigma_i)`` with the signal-to-noise ratio of SD-Turbo's index ``i``, so the paper's
+  ``t <= 250`` and every schedule here keep their meaning on every backbone (:func:`flow_sigmas`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ __all__ = [
     "batch_index",
     "build_scheduler",
     "default_timesteps",
+    "flow_sigmas",
     "lookup_sigma",
     "scale_model_input",
     "sd_turbo_sigmas",
@@ -96,6 +100,22 @@ def sigmas_from_alphas_cumprod(alphas_cumprod: Tensor) -> Tensor:
 def sd_turbo_sigmas() -> Tensor:
     """The ``(1000,)`` float32 ascending sigma table of SD-Turbo's scheduler (sigma(200) = 0.569285)."""
     return sigmas_from_alphas_cumprod(build_scheduler().alphas_cumprod)
+
+
+def flow_sigmas(ve_sigmas: Tensor | None = None) -> Tensor:
+    """Flow-matching noise levels with the signal-to-noise ratio of the VE table (docs/backbones.md).
+
+    ``z_s = (1 - s) z + s eps`` has SNR ``((1 - s) / s)^2``, the VE state ``z + sigma eps`` has
+    ``1 / sigma^2``; they agree for ``s = sigma / (1 + sigma)`` (and then ``z_s = (1 - s) (z + sigma eps)``).
+
+    Args:
+        ve_sigmas: ``(N,)`` ascending VE table; None: SD-Turbo's (:func:`sd_turbo_sigmas`).
+
+    Returns:
+        ``(N,)`` float32 ascending flow times in (0, 1) (index 199, the paper's t = 200: 0.3628).
+    """
+    ve = (sd_turbo_sigmas() if ve_sigmas is None else ve_sigmas).to(torch.float64)
+    return (ve / (1.0 + ve)).to(torch.float32)
 
 
 def validate_timesteps(

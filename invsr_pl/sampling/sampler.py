@@ -30,11 +30,12 @@ STAGES = ("noise_predictor", "vae_encode", "unet", "vae_decode", "blending", "co
 
 
 class InvSRSampler:
-    """Super-resolve LR images with a frozen SD-Turbo backbone and a trained noise predictor.
+    """Super-resolve LR images with a frozen one-step prior and a trained noise predictor.
 
     Args:
-        backbone: ``FrozenSDTurbo`` (or the tiny one from ``invsr_pl.models.tiny``); provides ``encode``,
-            ``decode``, ``predict_eps``, ``sigma`` and ``vae_scale_factor``.
+        backbone: a :class:`~invsr_pl.models.backbone.FrozenBackbone` (SD-Turbo, SDXL-Turbo, SD3.5 Large
+            Turbo or a tiny twin); the sampler uses its ``encode``, ``decode``, ``invert_step``, ``denoise``,
+            ``renoise`` and geometry only.
         noise_predictor: ``NoisePredictor`` giving the start noise; ``None``: N(0, I) noise.
         num_steps: default number of steps; the timesteps come from ``timesteps.default_timesteps``.
         timesteps: default user timesteps (strictly descending, e.g. ``[200, 100]``); overrides ``num_steps``.
@@ -82,7 +83,7 @@ class InvSRSampler:
         self.timesteps = (
             ts.validate_timesteps(timesteps) if timesteps is not None else ts.default_timesteps(num_steps)
         )
-        self.modulus = required_multiple(backbone.vae_scale_factor, _unet_scale_factor(backbone), self.scale)
+        self.modulus = required_multiple(backbone.vae_scale_factor, backbone.latent_multiple, self.scale)
         if chopping_size and chopping_size % self.modulus:
             raise ValueError(
                 f"chopping_size {chopping_size} must be a multiple of {self.modulus} so that x{self.scale} "
@@ -92,7 +93,7 @@ class InvSRSampler:
         self.chopping_batch = chopping_batch
         self.color_fix = color_fix
         if pad_batches is None:
-            pad_batches = is_compiled(noise_predictor) or is_compiled(getattr(backbone, "unet", None))
+            pad_batches = is_compiled(noise_predictor) or is_compiled(getattr(backbone, "denoiser", None))
         self.pad_batches = bool(pad_batches)
         self.timings: dict[str, float] | None = None
 
@@ -177,7 +178,7 @@ class InvSRSampler:
             generator: drives the noise-predictor sample and the VAE posterior sample.
 
         Returns:
-            (B, 4, s*p/8, s*q/8) float32 scaled latent x0_hat.
+            (B, C, s*p/8, s*q/8) float32 latent x0_hat (C: the backbone's latent channels).
         """
         return self._invert(lr_patch, timesteps, generator)[: lr_patch.shape[0]]
 
@@ -206,7 +207,6 @@ class InvSRSampler:
         rows = self._padded_rows(b)
         x = _pad_rows(lr_patch.to(device=device, dtype=torch.float32), rows)
         index = ts.to_index(steps, device=device)  # (T,) diffusion indices, user t -> t - 1
-        sigmas = self.backbone.sigma(index).float()  # (T,) float32
         latent = (
             b,
             self.backbone.latent_channels,
@@ -238,12 +238,12 @@ class InvSRSampler:
             )
         with self._stage("unet"):
             # docs/sampling.md: one-step inversion, then deterministic Euler steps (s_churn 0) in fp32; the
-            # last sigma is 0, so each step continues from x0_hat + sigma_next * eps_hat
-            x0, eps = self.backbone.invert_step(z_lq, noise, index[:1].expand(rows))
+            # last sigma is 0, so each step continues from x0_hat + sigma_next * direction (the predicted
+            # noise, or the velocity of a flow prior: docs/backbones.md)
+            x0, direction = self.backbone.invert_step(z_lq, noise, index[:1].expand(rows))
             for i in range(1, len(steps)):
-                z = ts.add_noise(x0, eps, sigmas[i])
-                eps = self.backbone.predict_eps(z, index[i : i + 1].expand(rows)).float()
-                x0 = ts.x0_from_eps(z, eps, sigmas[i])
+                z = self.backbone.renoise(x0, direction, index[i : i + 1].expand(rows))
+                x0, direction = self.backbone.denoise(z, index[i : i + 1].expand(rows))
         return x0
 
     def _predict_noise_distribution(self, x: Tensor, index: Tensor) -> DiagonalGaussianDistribution:
@@ -306,13 +306,6 @@ class InvSRSampler:
 
 
 _NULL = contextlib.nullcontext()
-
-
-def _unet_scale_factor(backbone: nn.Module) -> int:
-    """Spatial factor of the UNet: 2 ** (number of down blocks - 1) (8 for SD-Turbo, docs/sampling.md)."""
-    unet = getattr(backbone, "unet", None)
-    channels = getattr(getattr(unet, "config", None), "block_out_channels", None)
-    return 2 ** (len(channels) - 1) if channels else 8
 
 
 def _pad_rows(x: Tensor, rows: int) -> Tensor:

@@ -52,9 +52,9 @@ from invsr_pl.utils.seeding import stable_seed
 
 if TYPE_CHECKING:
     from invsr_pl.losses.perceptual import LatentLPIPS
+    from invsr_pl.models.backbone import FrozenBackbone
     from invsr_pl.models.discriminator import LatentDiscriminator
     from invsr_pl.models.noise_predictor import NoisePredictor
-    from invsr_pl.models.sd_turbo import FrozenSDTurbo
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -84,7 +84,7 @@ class InvSRLitModule(L.LightningModule):
 
     def __init__(
         self,
-        backbone: FrozenSDTurbo,
+        backbone: FrozenBackbone,
         noise_predictor: NoisePredictor,
         discriminator: LatentDiscriminator | None = None,
         lpips: LatentLPIPS | None = None,
@@ -469,7 +469,7 @@ class InvSRLitModule(L.LightningModule):
         """``torch.compile`` the noise predictor, UNet and discriminator in place (``nn.Module.compile``), so
         parameter names and state-dict keys stay free of ``_orig_mod.`` (docs/training.md). ``options`` are
         ``torch.compile`` kwargs (``mode``, ``backend``, ...); training shapes are fixed crops."""
-        parts = [self.noise_predictor, getattr(self.backbone, "unet", None), self.discriminator]
+        parts = [self.noise_predictor, self.backbone.denoiser, self.discriminator]
         for part in parts:
             if part is not None:
                 part.compile(**options)

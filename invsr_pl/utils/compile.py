@@ -25,11 +25,11 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def _compiled_parts(backbone: nn.Module, noise_predictor: nn.Module | None) -> list[nn.Module]:
-    """The pure-tensor bodies that compile as one graph each: NP encoder, UNet, VAE encoder and decoder.
+    """The pure-tensor bodies that compile as one graph each: NP encoder, denoiser, VAE encoder and decoder.
 
     The thin outer methods (input checks, the Gaussian, the posterior draw) stay eager; they cost nothing.
     """
-    parts = [backbone.unet, backbone.vae.encoder, backbone.vae.decoder]
+    parts = [backbone.denoiser, backbone.vae.encoder, backbone.vae.decoder]
     if noise_predictor is not None:
         parts.insert(0, getattr(noise_predictor, "encoder", noise_predictor))
     return parts
@@ -45,7 +45,7 @@ def compile_for_inference(
     for each shape: the first image is slow (seconds on CPU, about a minute for SD-Turbo on a GPU).
 
     Args:
-        backbone: ``FrozenSDTurbo`` (or the tiny twin): ``.unet`` and ``.vae`` with ``.encoder``/``.decoder``.
+        backbone: a ``FrozenBackbone``: ``.denoiser`` (UNet or transformer) and ``.vae`` (encoder, decoder).
         noise_predictor: ``NoisePredictor`` (its ``.encoder`` body is compiled) or ``None``.
         mode: one of :data:`COMPILE_MODES`. ``"reduce-overhead"`` captures CUDA graphs (GPU only); do not keep
             a network output across the next call of the same network (the sampler never does).
@@ -98,7 +98,7 @@ def prepare_for_inference(
         if half_noise_predictor and half:
             noise_predictor.to(dtype=backbone.dtype)
     if channels_last:
-        for module in (backbone.unet, backbone.vae, noise_predictor):
+        for module in (backbone.denoiser, backbone.vae, noise_predictor):
             if module is not None:
                 module.to(memory_format=torch.channels_last)
     if compile:

@@ -57,6 +57,16 @@ _BUILDERS = {
     "build_tiny_sd_turbo": ("tiny", "tiny"),
     "FrozenSDTurbo.random_sd_turbo": ("sd_turbo_random", "sd_turbo_random"),
     "FrozenSDTurbo.from_pretrained": (None, "sd_turbo"),
+    "build_tiny_sdxl_turbo": ("tiny_sdxl_turbo", "tiny_sdxl_turbo"),
+    "build_tiny_sd35_turbo": ("tiny_sd35_turbo", "tiny_sd35_turbo"),
+    "FrozenSDXLTurbo.from_pretrained": (None, "sdxl_turbo"),
+    "FrozenSD35Turbo.from_pretrained": (None, "sd35_turbo"),
+}
+# the default `model` of each hub builder (a config without the key loads this id)
+_DEFAULT_IDS = {
+    "sd_turbo": "stabilityai/sd-turbo",
+    "sdxl_turbo": "stabilityai/sdxl-turbo",
+    "sd35_turbo": "stabilityai/stable-diffusion-3.5-large-turbo",
 }
 
 
@@ -83,10 +93,10 @@ def backbone_identity(backbone_cfg: Mapping[str, Any]) -> tuple[str, str | None]
     ``model`` for SD-Turbo; any other builder is named by its ``_target_``.
     """
     target = str(backbone_cfg.get("_target_", ""))
-    for suffix, (name, _) in _BUILDERS.items():
+    for suffix, (name, option) in _BUILDERS.items():
         if target.endswith(suffix):
             if name is None:
-                return str(backbone_cfg.get("model", "stabilityai/sd-turbo")), backbone_cfg.get("revision")
+                return str(backbone_cfg.get("model", _DEFAULT_IDS[option])), backbone_cfg.get("revision")
             return name, None
     return target, backbone_cfg.get("revision")
 

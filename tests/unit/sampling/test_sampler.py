@@ -7,8 +7,6 @@ patched run can be compared with an unpatched one and alignment can be checked b
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,13 +26,13 @@ class LocalBackbone(nn.Module):
     """
 
     vae_scale_factor = 8
+    latent_multiple = 8  # as SD-Turbo's UNet
     latent_channels = 4
     dtype = torch.float32
 
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("sigmas", ts.sd_turbo_sigmas())
-        self.unet = SimpleNamespace(config=SimpleNamespace(block_out_channels=(8, 8, 8, 8)))  # UNet factor 8
         self.eps_calls = 0
 
     @property
@@ -58,9 +56,14 @@ class LocalBackbone(nn.Module):
         self.eps_calls += 1
         return torch.zeros_like(z_t)
 
-    def invert_step(self, z_lq: Tensor, noise: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
-        z_t = z_lq + self.sigma(index).view(-1, 1, 1, 1) * noise
+    def denoise(self, z_t: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
         return z_t, self.predict_eps(z_t, index)  # eps = 0: x0_hat = z_t
+
+    def renoise(self, x0: Tensor, eps: Tensor, index: Tensor) -> Tensor:
+        return x0 + self.sigma(index).view(-1, 1, 1, 1) * eps
+
+    def invert_step(self, z_lq: Tensor, noise: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        return self.denoise(z_lq + self.sigma(index).view(-1, 1, 1, 1) * noise, index)
 
 
 class ZeroNoisePredictor(nn.Module):
