@@ -7,7 +7,8 @@ Writes into OUT_DIR (each file atomically, permissions 0666 & ~umask, typically 
   subfolder="noise_predictor")``);
 - ``model_index.json``: an :class:`~invsr_pl.pipelines.InvSRPipeline` folder that names its backbone
   (``base_model``, ``base_revision``) instead of holding it, so ``InvSRPipeline.from_pretrained(OUT_DIR)``
-  loads SD-Turbo (2 GB) from the hub or its folder; ``--with-backbone`` copies the backbone in as well;
+  loads the backbone (SD-Turbo, SDXL-Turbo, SD3.5 Large Turbo or a tiny twin; ``base_family`` names which)
+  from the hub or its folder; ``--with-backbone`` copies the backbone in as well;
 - ``noise_predictor.pth``: the official format, a plain ``{name: fp32 tensor}`` dict with ``encoder.`` keys,
   loadable by ``NoisePredictor.from_official`` and the official inference script;
 - ``invsr_provenance.json``: the checkpoint's ``invsr_provenance`` record, unchanged, when it has one.
@@ -31,6 +32,8 @@ from typing import Any
 
 import torch
 
+from invsr_pl.models.backbones import family_of
+from invsr_pl.models.builtin import BUILTIN_BACKBONES
 from invsr_pl.models.noise_predictor import NoisePredictor
 from invsr_pl.models.sd_turbo import DEFAULT_MODEL_ID, POSITIVE_PROMPT
 from invsr_pl.pipelines import InvSRPipeline, model_index
@@ -93,16 +96,27 @@ def export_pipeline(
     provenance = checkpoint.get(PROVENANCE_KEY)
     base, revision = _base(provenance, base_model, checkpoint_path)
     prompt = (provenance or {}).get("prompt") or POSITIVE_PROMPT
+    recorded = (provenance or {}).get("backbone") or {}
+    # the family the checkpoint's model/backbone option names (a folder's name says nothing), else the name's
+    family = family_of(base, recorded.get("choice"))
+    config = recorded.get("config") if isinstance(recorded.get("config"), dict) else None
     out_dir.mkdir(parents=True, exist_ok=True)
     # everything is written into a scratch folder beside out_dir first; each file then lands atomically
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export.") as scratch_name:
         scratch = Path(scratch_name)
         if with_backbone:
-            pipe = InvSRPipeline.from_sd_turbo(base, noise_predictor=model, revision=revision, prompt=prompt)
+            pipe = InvSRPipeline.from_backbone_name(
+                base,
+                noise_predictor=model,
+                revision=revision,
+                prompt=prompt,
+                family=None if base in BUILTIN_BACKBONES else family,
+                recorded=config,  # a tiny twin rebuilt exactly as trained
+            )
             pipe.save_pretrained(scratch)
         else:
             model.save_pretrained(scratch / NOISE_PREDICTOR_FOLDER)
-            index = model_index(base, revision, prompt)
+            index = model_index(base, revision, prompt, family=family)
             (scratch / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         if provenance is not None:  # as recorded, for evaluate.py / invsr-sr / the demo to read back
             (scratch / EXPORT_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
@@ -133,13 +147,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--base-model",
         default=None,
-        help="backbone the folder names (hub id, folder, tiny, tiny_trained, sd_turbo_random); default: the "
+        help=f"backbone the folder names (hub id, folder, or {', '.join(BUILTIN_BACKBONES)}); default: the "
         f"one the checkpoint records, else {DEFAULT_MODEL_ID}",
     )
     parser.add_argument(
         "--with-backbone",
         action="store_true",
-        help="also copy the backbone (VAE, UNet, scheduler, text encoder) into the folder (SD-Turbo: 2 GB)",
+        help="also copy the backbone (VAE, UNet or transformer, scheduler, text encoder or the fixed prompt "
+        "embedding) into the folder (SD-Turbo: 2 GB)",
     )
     args = parser.parse_args(argv)
     if args.out_dir.exists() and not args.out_dir.is_dir():

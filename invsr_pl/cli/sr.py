@@ -6,6 +6,8 @@ Examples::
     invsr-sr -i in/ -o out/ --backbone /models/sd-turbo --noise-predictor runs/x/np --steps 3
     invsr-sr in/ -o out/ --noise-predictor np.pth -s 2 --suffix x2 --ext jpg  # x4 resized to x2, a_x2.jpg
     invsr-sr inputs/ -o out/ --backbone tiny        # offline smoke run with tiny networks
+    invsr-sr inputs/ -o out/ --backbone tiny_sd35_turbo   # the same on the SD3.5 twin (tiny_sdxl_turbo: SDXL)
+    invsr-sr in/ -o out/ --noise-predictor exports/sdxl   # the backbone (SDXL-Turbo) recorded with the export
 
 Names (:func:`output_name`, the demo uses the same rule): every input ``<stem>.<ext>`` becomes
 ``<out>/<stem>[_<suffix>].<format>``, by default ``<stem>.png``; ``--ext auto`` keeps the input's format.
@@ -41,7 +43,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from invsr_pl.models.builtin import SD_TURBO_RANDOM, TINY, TINY_TRAINED
+from invsr_pl.models.builtin import (
+    BUILTIN_BACKBONES,
+    SD_TURBO_RANDOM,
+    TINY,
+    TINY_SD35_TURBO,
+    TINY_SDXL_TURBO,
+    TINY_TRAINED,
+    TINY_TWINS,
+)
 from invsr_pl.utils.errors import SetupError
 from invsr_pl.utils.images import (
     IMAGE_EXTENSIONS,
@@ -76,11 +86,6 @@ COLOR_FIX_CHOICES = ("none", "wavelet", "ycbcr", "adain")
 EXT_CHOICES = ("auto", "png", "jpg", "webp")  # Real-ESRGAN's --ext (plus webp)
 DEFAULT_MAX_MEGAPIXELS = 100.0  # of input: 100 MP is a 1.6-gigapixel x4 output; a 40000^2 bomb is 1600 MP
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
-# bitsandbytes (imported by diffusers / pyiqa) warns on every import on CPUs without its optional kernels
-_DOWNLOAD_HINT = (
-    f"download it once where the Hugging Face hub is reachable (`hf download {DEFAULT_BACKBONE} "
-    "--local-dir weights/sd-turbo`) and pass --backbone weights/sd-turbo"
-)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -148,9 +153,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--backbone",
         default=None,
-        help=f"SD-Turbo hub id or local diffusers folder, or '{TINY}' (tiny networks, offline smoke), "
-        f"'{TINY_TRAINED}', '{SD_TURBO_RANDOM}'; default: the one recorded with --noise-predictor (train.py "
-        f"checkpoints and exports record it), else {DEFAULT_BACKBONE}",
+        help="hub id or local diffusers folder of SD-Turbo, SDXL-Turbo or SD3.5 Large Turbo, or a built-in: "
+        f"'{TINY}', '{TINY_SDXL_TURBO}', '{TINY_SD35_TURBO}' (tiny twins, offline smoke), '{TINY_TRAINED}', "
+        f"'{SD_TURBO_RANDOM}'; default: the one recorded with --noise-predictor (train.py checkpoints and "
+        f"exports record it), else {DEFAULT_BACKBONE}",
     )
     group.add_argument("--revision", default=None, help="hub revision of the backbone")
     group.add_argument("--cache-dir", default=None, help="Hugging Face cache folder")
@@ -380,81 +386,117 @@ def _choose_backbone(args: argparse.Namespace, provenance: dict[str, Any] | None
     return recorded.get("config")
 
 
-def _tiny_backbone(seed: int, dtype: str):  # -> (FrozenSDTurbo, note)
-    """The tiny *trained* SD-Turbo twin when its weights are installed, else the random one."""
-    try:
-        from invsr_pl.models.tiny_trained import DEFAULT_WEIGHTS, load_tiny_trained_sd_turbo
-    except ImportError:
-        DEFAULT_WEIGHTS = None  # noqa: N806 - the module is optional
-    if DEFAULT_WEIGHTS is not None and Path(DEFAULT_WEIGHTS).is_file():
-        return load_tiny_trained_sd_turbo(dtype=dtype), "the tiny trained SD-Turbo twin"
-    from invsr_pl.models.tiny import build_tiny_sd_turbo
-
-    return build_tiny_sd_turbo(seed=seed, dtype=dtype), "a random tiny SD-Turbo twin"
-
-
-def _recorded_int(config: dict[str, Any] | None, key: str, default: int) -> int:
-    value = (config or {}).get(key)
-    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
+# what smoke mode and the page say about each built-in backbone
+_BUILTIN_NOTES = {
+    TINY: "a random tiny SD-Turbo twin",
+    TINY_TRAINED: "the tiny trained SD-Turbo twin",
+    SD_TURBO_RANDOM: "SD-Turbo's architecture, random weights",
+    TINY_SDXL_TURBO: "a random tiny SDXL-Turbo twin",
+    TINY_SD35_TURBO: "a random tiny SD3.5 Large Turbo twin",
+}
 
 
 def _builtin_backbone(args: argparse.Namespace, dtype: str, config: dict[str, Any] | None):
-    """``(FrozenSDTurbo, note)`` of the built-in backbones (``tiny``, ``tiny_trained``, ``sd_turbo_random``);
-    a recorded ``config`` gives its seed / width / weight file (plain values only: no ``_target_`` from a
-    file is ever instantiated)."""
-    if args.backbone == TINY_TRAINED:
-        from invsr_pl.models.tiny_trained import load_tiny_trained_sd_turbo
+    """``(FrozenBackbone, note)`` of a built-in backbone (:data:`BUILTIN_BACKBONES`), built by
+    :func:`invsr_pl.models.backbones.build_builtin` from a recorded ``config`` (its seed / width / latent
+    channels / weight file: plain values only, no ``_target_`` from a file is ever instantiated).
 
-        weights = (config or {}).get("weights_path")
+    Without a record: ``tiny`` is the tiny *trained* twin when its weights are installed, else a random one;
+    the random twins are seeded with ``--seed``."""
+    from invsr_pl.models import backbones
+
+    name = args.backbone
+    if config is None and name == TINY:
         try:
-            backbone = load_tiny_trained_sd_turbo(dtype=dtype, weights_path=weights)
-        except FileNotFoundError as err:
-            raise SetupError(str(err)) from err
-        return backbone, "the tiny trained SD-Turbo twin"
-    if args.backbone == SD_TURBO_RANDOM:
-        from invsr_pl.models.sd_turbo import FrozenSDTurbo
-
-        seed = _recorded_int(config, "seed", 0)
-        return FrozenSDTurbo.random_sd_turbo(
-            seed=seed, dtype=dtype
-        ), "SD-Turbo's architecture, random weights"
-    if config is not None:  # trained against the random tiny twin: rebuild exactly that one
-        from invsr_pl.models.tiny import build_tiny_sd_turbo
-
-        seed, width = _recorded_int(config, "seed", 0), _recorded_int(config, "cross_attention_dim", 32)
-        return build_tiny_sd_turbo(seed=seed, dtype=dtype, cross_attention_dim=width), "the random tiny twin"
-    return _tiny_backbone(getattr(args, "seed", DEFAULT_SEED), dtype)
+            from invsr_pl.models.tiny_trained import DEFAULT_WEIGHTS
+        except ImportError:
+            DEFAULT_WEIGHTS = None  # noqa: N806 - the module is optional
+        if DEFAULT_WEIGHTS is not None and Path(DEFAULT_WEIGHTS).is_file():
+            name = TINY_TRAINED
+    if config is None and name in TINY_TWINS:
+        config = {"seed": getattr(args, "seed", DEFAULT_SEED)}
+    note = _BUILTIN_NOTES[name]
+    try:
+        return backbones.build_builtin(name, dtype, config), note
+    except FileNotFoundError as err:
+        raise SetupError(str(err)) from err
 
 
-def _hub_backbone(args: argparse.Namespace, device: torch.device):  # -> FrozenSDTurbo
-    from invsr_pl.models.sd_turbo import BackboneWeightsNotFound, FrozenSDTurbo
+def _family(args: argparse.Namespace, provenance: dict[str, Any] | None) -> str:
+    """The family of a hub id / folder ``--backbone``: the ``model/backbone`` option recorded with the
+    noise predictor when it names one (a folder's name says nothing), else what the folder or id says."""
+    from invsr_pl.models.backbones import family_of
+
+    recorded = (provenance or {}).get("backbone") or {}
+    same = str(recorded.get("name")) == str(args.backbone)
+    return family_of(str(args.backbone), recorded.get("choice") if same else None)
+
+
+def _hub_backbone(args: argparse.Namespace, device: torch.device, family: str):  # -> FrozenBackbone
+    from invsr_pl.models.backbones import load_pretrained
+    from invsr_pl.models.weights_folder import BackboneWeightsNotFound
 
     try:
-        return FrozenSDTurbo.from_pretrained(
+        return load_pretrained(
             args.backbone,
+            family,
             dtype=args.dtype,
             revision=args.revision,
             cache_dir=args.cache_dir,
             device=str(device),
         )
     except BackboneWeightsNotFound as err:
-        raise SetupError(_backbone_missing(args.backbone, str(err))) from None
+        raise SetupError(_backbone_missing(args.backbone, str(err), family)) from None
     except FileNotFoundError as err:
         raise SetupError(str(err)) from err
 
 
-def _backbone_missing(name: str, message: str) -> str:
+def _backbone_missing(name: str, message: str, family: str = "sd_turbo") -> str:
     """The backbone's missing-weights message in this command's terms: the ``--backbone`` flag and the
-    installed ``hf`` command, not a Hydra key (the model's own message speaks to the configs)."""
+    installed ``hf`` command for the family's model id, not a Hydra key (the model's own message speaks to
+    the configs); the layout and any note (SD3.5's gated licence) are kept."""
+    from invsr_pl.models.backbones import WEIGHTS
+
+    spec = WEIGHTS[family]
+    local = "weights/" + spec.model_id.rsplit("/", 1)[-1]
     reason = re.search(r"could not be loaded: (.*?)\. Download", message)
     layout = re.search(r"(The folder must have the diffusers layout: .*)$", message)
-    text = f"SD-Turbo weights for {name!r} could not be loaded"
+    text = f"{spec.name} weights for {name!r} could not be loaded"
     text += f": {reason.group(1)}" if reason else ""
-    text += f"; {_DOWNLOAD_HINT}."
-    return text + (f" {layout.group(1)}" if layout else "")
+    text += (
+        f"; download it once where the Hugging Face hub is reachable (`hf download {spec.model_id} "
+        f"--local-dir {local}`) and pass --backbone {local}."
+    )
+    return text + (f" {layout.group(1)}" if layout else (f" {spec.note}" if spec.note else ""))
 
 
-def build_models(args: argparse.Namespace):  # -> (FrozenSDTurbo, NoisePredictor, smoke, torch.device)
+def _required_noise_predictor(family: str) -> str:
+    """The message for a real backbone without ``--noise-predictor``: where to get one for its family."""
+    if family == "sd_turbo":
+        return (
+            "--noise-predictor is required with a real backbone: download noise_predictor_sd_turbo_v5.pth "
+            "(`hf download OAOA/InvSR noise_predictor_sd_turbo_v5.pth --local-dir weights`) and pass "
+            "--noise-predictor weights/noise_predictor_sd_turbo_v5.pth, or a trained/exported folder"
+        )
+    return (
+        f"--noise-predictor is required with a real backbone: no {family} noise predictor is released; pass "
+        f"a train.py checkpoint or an invsr-export folder trained with model/backbone={family}"
+    )
+
+
+def _check_geometry(noise_predictor: Any, backbone: Any, args: argparse.Namespace) -> None:
+    """The noise predictor must predict the backbone's latent channels (4 for SD-Turbo / SDXL-Turbo, 16 for
+    SD3.5): one line, exit 2."""
+    have, want = int(noise_predictor.latent_channels), int(backbone.latent_channels)
+    if have != want:
+        source = args.noise_predictor if args.noise_predictor is not None else "the noise predictor"
+        raise SetupError(
+            f"{source} predicts {have}-channel latents but the backbone {args.backbone!r} "
+            f"({type(backbone).__name__}) has {want} latent channels: it was trained for another backbone"
+        )
+
+
+def build_models(args: argparse.Namespace):  # -> (FrozenBackbone, NoisePredictor, smoke, torch.device)
     """Load (or, in smoke mode, build) the models named by :func:`add_model_arguments`'s options.
 
     Without ``--backbone`` the backbone recorded with the noise predictor is used (else
@@ -480,25 +522,23 @@ def build_models(args: argparse.Namespace):  # -> (FrozenSDTurbo, NoisePredictor
         dtype = resolve_dtype(args.dtype, device)
     except ValueError as err:
         raise SetupError(str(err)) from None
-    recorded_config = _choose_backbone(args, _provenance(args))
-    builtin = args.backbone in (TINY, TINY_TRAINED, SD_TURBO_RANDOM)
-    smoke = args.backbone in (TINY, TINY_TRAINED) and args.noise_predictor is None
+    provenance = _provenance(args)
+    recorded_config = _choose_backbone(args, provenance)
+    builtin = args.backbone in BUILTIN_BACKBONES
+    smoke = args.backbone in (*TINY_TWINS, TINY_TRAINED) and args.noise_predictor is None
+    family = None if builtin else _family(args, provenance)
     if not builtin and args.noise_predictor is None:
-        raise SetupError(
-            "--noise-predictor is required with a real backbone: download noise_predictor_sd_turbo_v5.pth "
-            "(`hf download OAOA/InvSR noise_predictor_sd_turbo_v5.pth --local-dir weights`) and pass "
-            "--noise-predictor weights/noise_predictor_sd_turbo_v5.pth, or a trained/exported folder"
-        )
+        raise SetupError(_required_noise_predictor(family))
     # the small noise predictor first: a wrong path fails before the multi-GB backbone is read
-    if args.noise_predictor is not None:
-        noise_predictor = _load_noise_predictor(args.noise_predictor)
-    else:
-        noise_predictor = tiny_noise_predictor(scale=4, seed=seed)
+    noise_predictor = None if args.noise_predictor is None else _load_noise_predictor(args.noise_predictor)
     if builtin:
         backbone, note = _builtin_backbone(args, str(dtype).removeprefix("torch."), recorded_config)
         args.backbone_note = note
     else:
-        backbone = _hub_backbone(args, device)
+        backbone = _hub_backbone(args, device, family)
+    if noise_predictor is None:  # smoke mode: a random tiny one for the backbone's latents
+        noise_predictor = tiny_noise_predictor(scale=4, seed=seed, latent_channels=backbone.latent_channels)
+    _check_geometry(noise_predictor, backbone, args)
     from invsr_pl.utils.compile import prepare_for_inference
 
     backbone = backbone.to(device)
@@ -695,8 +735,8 @@ def _run(args: argparse.Namespace, tally: _Tally) -> int:
     if smoke:
         print(
             f"invsr-sr: smoke mode: {getattr(args, 'backbone_note', 'a tiny SD-Turbo twin')} and a random "
-            "tiny noise predictor (--backbone tiny without --noise-predictor); the outputs only prove that "
-            "the whole path runs.",
+            f"tiny noise predictor (--backbone {args.backbone} without --noise-predictor); the outputs only "
+            "prove that the whole path runs.",
             file=sys.stderr,
         )
     # the one inference path (issue 19): the pipeline over the loaded modules does the SR, the OOM

@@ -207,7 +207,8 @@ class Upscaler:
     """The loaded models and everything a request needs; one instance per demo process.
 
     Args:
-        backbone: frozen SD-Turbo (or tiny) backbone on ``device`` (from ``invsr_pl.cli.sr.build_models``).
+        backbone: the frozen backbone (any family, or a tiny twin) on ``device`` (from
+            ``invsr_pl.cli.sr.build_models``).
         noise_predictor: fp32 noise predictor on ``device``; its ``scale`` is the SR factor.
         device: where the networks run; each image's generator lives there (as in ``invsr-sr``).
         smoke: the networks are tiny smoke-mode ones, not InvSR weights (stated on the page).
@@ -283,8 +284,8 @@ class Upscaler:
         ]
         if self.smoke:
             lines.append(
-                "**Smoke mode**: tiny networks and a random tiny noise predictor (`--backbone tiny` without "
-                "`--noise-predictor`), no download; the outputs only prove that the whole path runs."
+                "**Smoke mode**: tiny networks and a random tiny noise predictor (a tiny `--backbone` "
+                "without `--noise-predictor`), no download; the outputs only prove that the whole path runs."
             )
         return "\n\n".join(lines)
 

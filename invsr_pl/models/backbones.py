@@ -15,24 +15,50 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from invsr_pl.models import tiny as tiny_models
 from invsr_pl.models.backbone import FrozenBackbone
 from invsr_pl.models.builtin import SD_TURBO_RANDOM, TINY, TINY_SD35_TURBO, TINY_SDXL_TURBO, TINY_TRAINED
 from invsr_pl.models.sd35_turbo import DEFAULT_MODEL_ID as SD35_ID
+from invsr_pl.models.sd35_turbo import WEIGHTS as SD35_WEIGHTS
 from invsr_pl.models.sd35_turbo import FrozenSD35Turbo
 from invsr_pl.models.sd_turbo import DEFAULT_MODEL_ID as SD_TURBO_ID
+from invsr_pl.models.sd_turbo import WEIGHTS as SD_TURBO_WEIGHTS
 from invsr_pl.models.sd_turbo import FrozenSDTurbo
 from invsr_pl.models.sdxl_turbo import DEFAULT_MODEL_ID as SDXL_ID
+from invsr_pl.models.sdxl_turbo import WEIGHTS as SDXL_WEIGHTS
 from invsr_pl.models.sdxl_turbo import FrozenSDXLTurbo
-from invsr_pl.models.tiny import build_tiny_sd35_turbo, build_tiny_sd_turbo, build_tiny_sdxl_turbo
 from invsr_pl.models.tiny_trained import load_tiny_trained_sd_turbo
+from invsr_pl.models.weights_folder import WeightsSpec
 
-__all__ = ["FAMILIES", "build_builtin", "family_of", "from_components", "load_pretrained"]
+__all__ = [
+    "BUILTIN_FAMILIES",
+    "FAMILIES",
+    "WEIGHTS",
+    "build_builtin",
+    "family_of",
+    "from_components",
+    "load_pretrained",
+]
 
 # family name (= the conf/model/backbone option of the real model) -> class
 FAMILIES: dict[str, type[FrozenBackbone]] = {
     "sd_turbo": FrozenSDTurbo,
     "sdxl_turbo": FrozenSDXLTurbo,
     "sd35_turbo": FrozenSD35Turbo,
+}
+# what each family's weights folder must hold (the missing-weights message names the model id from here)
+WEIGHTS: dict[str, WeightsSpec] = {
+    "sd_turbo": SD_TURBO_WEIGHTS,
+    "sdxl_turbo": SDXL_WEIGHTS,
+    "sd35_turbo": SD35_WEIGHTS,
+}
+# built-in name (and its conf/model/backbone option) -> the family of the prior it is a twin of
+BUILTIN_FAMILIES: dict[str, str] = {
+    TINY: "sd_turbo",
+    TINY_TRAINED: "sd_turbo",
+    SD_TURBO_RANDOM: "sd_turbo",
+    TINY_SDXL_TURBO: "sdxl_turbo",
+    TINY_SD35_TURBO: "sd35_turbo",
 }
 _KNOWN_IDS = {SD_TURBO_ID: "sd_turbo", SDXL_ID: "sdxl_turbo", SD35_ID: "sd35_turbo"}
 # diffusers' pipeline class in a folder's model_index.json -> family
@@ -41,17 +67,29 @@ _PIPELINE_CLASSES = {
     "StableDiffusionXLPipeline": "sdxl_turbo",
     "StableDiffusion3Pipeline": "sd35_turbo",
 }
+# tiny twin -> its builder in models/tiny.py, looked up there at call time (one builder per twin, also when
+# the module's attribute is wrapped, e.g. by a test that records the arguments it was called with)
 _TINY_BUILDERS = {
-    TINY: build_tiny_sd_turbo,
-    TINY_SDXL_TURBO: build_tiny_sdxl_turbo,
-    TINY_SD35_TURBO: build_tiny_sd35_turbo,
+    TINY: "build_tiny_sd_turbo",
+    TINY_SDXL_TURBO: "build_tiny_sdxl_turbo",
+    TINY_SD35_TURBO: "build_tiny_sd35_turbo",
 }
 
 
-def family_of(model: str) -> str:
-    """The family of a hub id or diffusers folder: a known id, else the folder's (or the cached hub copy's)
-    ``model_index.json`` pipeline class, else its subfolders (``transformer/``: SD3, ``text_encoder_2/``:
-    SDXL); SD-Turbo when nothing says otherwise (the project's default prior)."""
+def family_of(model: str, choice: str | None = None) -> str:
+    """The family of a built-in name, hub id or diffusers folder.
+
+    ``choice`` (the ``model/backbone`` option a checkpoint's provenance records) wins when it names a family
+    or a built-in twin, since a folder's name says nothing; else a built-in name's family, a known id, the
+    folder's (or the cached hub copy's) ``model_index.json`` pipeline class, its subfolders
+    (``transformer/``: SD3, ``text_encoder_2/``: SDXL); SD-Turbo when nothing says otherwise (the project's
+    default prior)."""
+    if choice in FAMILIES:
+        return str(choice)
+    if choice in BUILTIN_FAMILIES:
+        return BUILTIN_FAMILIES[str(choice)]
+    if model in BUILTIN_FAMILIES:
+        return BUILTIN_FAMILIES[model]
     if model in _KNOWN_IDS:
         return _KNOWN_IDS[model]
     folder = Path(model).expanduser()
@@ -116,7 +154,7 @@ def build_builtin(
         }
         if name == TINY_SD35_TURBO:
             kwargs["latent_channels"] = _int(recorded, "latent_channels", 16)
-        return _TINY_BUILDERS[name](dtype=dtype_name, **kwargs)
+        return getattr(tiny_models, _TINY_BUILDERS[name])(dtype=dtype_name, **kwargs)
     raise ValueError(f"{name!r} is not a built-in backbone")
 
 

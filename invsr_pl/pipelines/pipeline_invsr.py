@@ -1,11 +1,19 @@
 """InvSRPipeline: InvSR super-resolution as a diffusers ``DiffusionPipeline`` (docs/sampling.md).
 
-The pipeline holds the system as registered components (``vae``, ``unet``, ``text_encoder``, ``tokenizer``,
-``scheduler``, ``noise_predictor``), so ``save_pretrained`` / ``from_pretrained``, ``.to(device, dtype)``,
-``enable_model_cpu_offload()`` and ``set_progress_bar_config`` behave as in any diffusers pipeline. A call
-runs the project's one sampler (:class:`invsr_pl.sampling.sampler.InvSRSampler`) on a
-:class:`~invsr_pl.models.sd_turbo.FrozenSDTurbo` view of the components, image by image, so its output is
-bit for bit the sampler's for the same input and seed.
+The pipeline holds the system as registered components (``vae``, ``unet`` or ``transformer``,
+``text_encoder``, ``tokenizer``, ``scheduler``, ``noise_predictor``), so ``save_pretrained`` /
+``from_pretrained``, ``.to(device, dtype)``, ``enable_model_cpu_offload()`` and ``set_progress_bar_config``
+behave as in any diffusers pipeline. A call runs the project's one sampler
+(:class:`invsr_pl.sampling.sampler.InvSRSampler`) on a :class:`~invsr_pl.models.backbone.FrozenBackbone`
+view of the components (:func:`invsr_pl.models.backbones.from_components`: SD-Turbo, SDXL-Turbo or SD3.5
+Large Turbo, docs/backbones.md), image by image, so its output is bit for bit the sampler's for the same
+input and seed.
+
+Which prior: a ``transformer`` is SD3.5 (flow matching); a ``unet`` with SDXL's added ``text_time``
+conditioning is SDXL-Turbo, any other ``unet`` SD-Turbo. SD-Turbo keeps its CLIP text encoder and tokenizer
+(a call may embed another prompt); SDXL-Turbo and SD3.5 embed their prompt once at load with their several
+text encoders, which are released, and the pipeline holds the result as a :class:`FixedPromptEmbedding`
+(sequence and pooled embedding), as it does for the tiny twins.
 
 Building one::
 
@@ -16,17 +24,20 @@ Building one::
     pipe = pipe.to("cuda", torch.float16)
     sr = pipe(Image.open("photo.png"), num_inference_steps=1).images[0]
 
+    # any backbone by name (from_sd_turbo is the same builder with SD-Turbo as the default name)
+    pipe = InvSRPipeline.from_backbone_name("stabilityai/sdxl-turbo", noise_predictor="runs/sdxl/np")
+
     # an invsr-export folder (the backbone it names is loaded from the hub / its folder)
     pipe = InvSRPipeline.from_pretrained("exports/run1")
 
     # the tiny twins (tests, smoke mode: offline, CPU, milliseconds)
     from invsr_pl.models.tiny import build_tiny_sd_turbo, tiny_noise_predictor
     pipe = InvSRPipeline.from_backbone(build_tiny_sd_turbo(seed=0), tiny_noise_predictor(seed=0))
-    pipe = InvSRPipeline.from_sd_turbo("tiny_trained", noise_predictor=None)  # random tiny noise predictor
+    pipe = InvSRPipeline.from_backbone_name("tiny_sd35_turbo")  # random tiny noise predictor (16 channels)
 
-Backbone names (``from_sd_turbo(base=...)``, the ``base_model`` of an export's ``model_index.json``) are
-those ``invsr-sr --backbone`` takes: a hub id or diffusers folder, ``tiny``, ``tiny_trained`` or
-``sd_turbo_random``.
+Backbone names (``from_backbone_name(base=...)``, the ``base_model`` of an export's ``model_index.json``) are
+those ``invsr-sr --backbone`` takes: a hub id or diffusers folder, or one of
+:data:`~invsr_pl.models.builtin.BUILTIN_BACKBONES`.
 """
 
 from __future__ import annotations
@@ -42,24 +53,30 @@ import diffusers
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 from diffusers.utils import BaseOutput
 from torch import Tensor, nn
 
-from invsr_pl.models.builtin import BUILTIN_BACKBONES, SD_TURBO_RANDOM, TINY_TRAINED
+from invsr_pl.models import backbones
+from invsr_pl.models.backbone import FrozenBackbone
+from invsr_pl.models.builtin import BUILTIN_BACKBONES
 from invsr_pl.models.loading import load_noise_predictor
 from invsr_pl.models.noise_predictor import NoisePredictor
 from invsr_pl.models.sd_turbo import (
     DEFAULT_MODEL_ID,
     POSITIVE_PROMPT,
     BackboneWeightsNotFound,
-    FrozenSDTurbo,
     embed_prompt,
     resolve_dtype,
     resolve_folder,
 )
-from invsr_pl.models.tiny import build_tiny_sd_turbo, tiny_noise_predictor
-from invsr_pl.models.tiny_trained import load_tiny_trained_sd_turbo
+from invsr_pl.models.tiny import tiny_noise_predictor
 from invsr_pl.pipelines.image_io import ImageInput, PipelineImage, from_output, to_pipeline_images
 from invsr_pl.pipelines.prompt_embedding import FixedPromptEmbedding
 from invsr_pl.sampling.oom import sample_with_fallback
@@ -73,10 +90,18 @@ __all__ = [
     "DEFAULT_SEED",
     "InvSRPipeline",
     "InvSRPipelineOutput",
+    "check_noise_predictor",
     "model_index",
 ]
 
-_BACKBONE_PARTS = ("vae", "unet", "scheduler", "text_encoder", "tokenizer")
+# every backbone component a pipeline folder may hold (a family uses either unet or transformer)
+_BACKBONE_PARTS = ("vae", "unet", "transformer", "scheduler", "text_encoder", "tokenizer")
+# family -> (its denoiser component, diffusers class of the denoiser, diffusers class of the scheduler)
+_FAMILY_CLASSES = {
+    "sd_turbo": ("unet", "UNet2DConditionModel", "EulerDiscreteScheduler"),
+    "sdxl_turbo": ("unet", "UNet2DConditionModel", "EulerDiscreteScheduler"),
+    "sd35_turbo": ("transformer", "SD3Transformer2DModel", "FlowMatchEulerDiscreteScheduler"),
+}
 
 
 @dataclass
@@ -93,20 +118,21 @@ class InvSRPipelineOutput(BaseOutput):
     bit_depths: list[int]
 
 
-class _PipelineBackbone(FrozenSDTurbo):
-    """``FrozenSDTurbo`` over the pipeline's components whose ``device`` is the pipeline's execution device,
-    so the sampler puts its tensors where the networks run also while CPU offload hooks move the weights."""
+def check_noise_predictor(
+    noise_predictor: nn.Module, latent_channels: int, backbone: str = "the backbone"
+) -> None:
+    """Refuse a noise predictor whose latent channels are not the backbone's (a 4-channel SD-Turbo / SDXL
+    noise predictor cannot start an SD3.5 trajectory, 16 channels, and vice versa).
 
-    def __init__(self, *args: Any, execution_device: torch.device, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._execution_device = execution_device
-        # the derived buffers only: moving the module would move (and un-offload) the UNet and VAE
-        self.sigmas = self.sigmas.to(execution_device)
-        self.prompt_embeds = self.prompt_embeds.to(execution_device)
-
-    @property
-    def device(self) -> torch.device:
-        return self._execution_device
+    Raises:
+        ValueError: one line naming both channel counts.
+    """
+    have = getattr(noise_predictor, "latent_channels", None)
+    if have is not None and int(have) != int(latent_channels):
+        raise ValueError(
+            f"the noise predictor predicts {have}-channel latents but {backbone} has {latent_channels} "
+            "latent channels: it was trained for another backbone"
+        )
 
 
 def model_index(
@@ -114,6 +140,7 @@ def model_index(
     base_revision: str | None = None,
     prompt: str | None = POSITIVE_PROMPT,
     fixed_prompt: bool | None = None,
+    family: str | None = None,
 ) -> dict[str, Any]:
     """The ``model_index.json`` of an InvSR pipeline folder that names its backbone instead of holding it
     (what ``invsr-export`` writes; :meth:`InvSRPipeline.from_pretrained` then loads ``base_model``).
@@ -121,11 +148,20 @@ def model_index(
     Args:
         base_model: backbone name (hub id, folder, or one of :data:`BUILTIN_BACKBONES`).
         base_revision: hub revision of ``base_model``.
-        prompt: the prompt the noise predictor was trained with (None: the backbone has no text encoder).
-        fixed_prompt: the backbone's text encoder is a :class:`FixedPromptEmbedding` (default: the built-in
-            backbones are).
+        prompt: the prompt the noise predictor was trained with (embedded at load for the real priors;
+            None for the built-in backbones, which have no text prompt).
+        fixed_prompt: the text encoder is a :class:`FixedPromptEmbedding` (default: for the built-in
+            backbones, SDXL-Turbo and SD3.5; SD-Turbo keeps its CLIP text encoder).
+        family: ``sd_turbo`` / ``sdxl_turbo`` / ``sd35_turbo`` (default:
+            :func:`~invsr_pl.models.backbones.family_of` ``base_model``); names the denoiser component and
+            the scheduler class.
     """
-    fixed = base_model in BUILTIN_BACKBONES if fixed_prompt is None else fixed_prompt
+    family = family or backbones.family_of(str(base_model))
+    if family not in _FAMILY_CLASSES:
+        raise ValueError(f"unknown backbone family {family!r}; choose one of {', '.join(_FAMILY_CLASSES)}")
+    builtin = base_model in BUILTIN_BACKBONES
+    fixed = (builtin or family != "sd_turbo") if fixed_prompt is None else fixed_prompt
+    denoiser, denoiser_class, scheduler_class = _FAMILY_CLASSES[family]
     text = (
         ["invsr_pl.pipelines.prompt_embedding", "FixedPromptEmbedding"]
         if fixed
@@ -136,12 +172,14 @@ def model_index(
         "_diffusers_version": diffusers.__version__,
         "base_model": base_model,
         "base_revision": base_revision,
-        "prompt": None if fixed else (prompt or POSITIVE_PROMPT),
+        "base_family": family,
+        "prompt": None if builtin or (fixed and family == "sd_turbo") else (prompt or POSITIVE_PROMPT),
         "noise_predictor": ["invsr_pl.models.noise_predictor", "NoisePredictor"],
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "scheduler": ["diffusers", scheduler_class],
         "text_encoder": text,
         "tokenizer": [None, None] if fixed else ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
+        "unet": ["diffusers", denoiser_class] if denoiser == "unet" else [None, None],
+        "transformer": ["diffusers", denoiser_class] if denoiser == "transformer" else [None, None],
         "vae": ["diffusers", "AutoencoderKL"],
     }
 
@@ -152,52 +190,58 @@ def _recorded_backbone_config(folder: Path) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
-def _int(config: dict[str, Any], key: str, default: int) -> int:
-    value = config.get(key)
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) else default
-
-
 def load_base(
     base: str = DEFAULT_MODEL_ID,
     revision: str | None = None,
     cache_dir: str | None = None,
     torch_dtype: torch.dtype | str | None = None,
     recorded: dict[str, Any] | None = None,
+    family: str | None = None,
+    prompt: str | None = None,
 ) -> dict[str, Any]:
-    """The backbone components of ``base``: ``vae``, ``unet``, ``scheduler``, ``text_encoder``, ``tokenizer``.
+    """The backbone components of ``base``: ``vae``, ``unet`` / ``transformer`` (the other one None),
+    ``scheduler``, ``text_encoder``, ``tokenizer``.
 
     Args:
-        base: a hub id or diffusers folder (SD-Turbo: its CLIP text encoder and tokenizer are loaded too), or
-            one of :data:`BUILTIN_BACKBONES` (text encoder: their fixed prompt embedding, no tokenizer).
+        base: a hub id or diffusers folder, or one of :data:`BUILTIN_BACKBONES`
+            (:func:`invsr_pl.models.backbones.build_builtin`; text encoder: their fixed prompt embedding, no
+            tokenizer). SD-Turbo: its CLIP text encoder and tokenizer are loaded too; SDXL-Turbo / SD3.5:
+            ``from_pretrained`` of their backbone class embeds ``prompt`` once, the text encoder is that
+            :class:`FixedPromptEmbedding`.
         revision / cache_dir: hub revision and cache folder.
         torch_dtype: weight dtype (``None``: float32; ``"auto"``: fp16 where CUDA is available).
-        recorded: the backbone config a checkpoint recorded (seed / cross_attention_dim of ``tiny``, seed
-            of ``sd_turbo_random``, weights_path of ``tiny_trained``); plain values, nothing instantiated.
+        recorded: the backbone config a checkpoint recorded (seed / cross_attention_dim / latent_channels of
+            a tiny twin, seed of ``sd_turbo_random``, weights_path of ``tiny_trained``); plain values,
+            nothing instantiated.
+        family: ``sd_turbo`` / ``sdxl_turbo`` / ``sd35_turbo`` of a hub id or folder (default:
+            :func:`~invsr_pl.models.backbones.family_of`).
+        prompt: text embedded by SDXL-Turbo / SD3.5 (None: the paper's positive prompt).
 
     Raises:
-        BackboneWeightsNotFound: SD-Turbo is neither a folder nor cached, and the hub is unreachable.
+        BackboneWeightsNotFound: the weights are neither a folder nor cached, and the hub is unreachable.
         FileNotFoundError: the tiny trained twin's weight file is missing.
     """
     dtype = resolve_dtype(torch_dtype if torch_dtype is not None else "float32")
-    recorded = recorded or {}
     if base in BUILTIN_BACKBONES:
-        if base == TINY_TRAINED:
-            backbone = load_tiny_trained_sd_turbo(dtype=dtype, weights_path=recorded.get("weights_path"))
-        elif base == SD_TURBO_RANDOM:
-            backbone = FrozenSDTurbo.random_sd_turbo(seed=_int(recorded, "seed", 0), dtype=dtype)
-        else:
-            backbone = build_tiny_sd_turbo(
-                seed=_int(recorded, "seed", 0),
-                dtype=dtype,
-                cross_attention_dim=_int(recorded, "cross_attention_dim", 32),
-            )
-        return _parts(backbone)
+        return _parts(backbones.build_builtin(base, dtype, recorded))
+    family = backbones.family_of(str(base), family)
+    if family != "sd_turbo":
+        loaded = backbones.load_pretrained(
+            str(base),
+            family,
+            dtype=dtype,
+            prompt=prompt or POSITIVE_PROMPT,
+            revision=revision,
+            cache_dir=cache_dir,
+        )
+        return _parts(loaded)
     from transformers import CLIPTextModel, CLIPTokenizer  # heavy: only for a real SD-Turbo
 
     folder = str(resolve_folder(str(base), revision, cache_dir))
     try:
         return {
             "unet": UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype),
+            "transformer": None,
             "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype),
             "scheduler": EulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler"),
             "text_encoder": CLIPTextModel.from_pretrained(
@@ -209,73 +253,145 @@ def load_base(
         raise BackboneWeightsNotFound(f"SD-Turbo weights in {folder} are incomplete: {err}") from err
 
 
-def _parts(backbone: FrozenSDTurbo) -> dict[str, Any]:
+def _parts(backbone: FrozenBackbone) -> dict[str, Any]:
+    """The pipeline components of a loaded backbone (its modules shared; its cached conditioning held as a
+    :class:`FixedPromptEmbedding`)."""
+    name = backbone.denoiser_name
     return {
-        "unet": backbone.unet,
+        "unet": backbone.denoiser if name == "unet" else None,
+        "transformer": backbone.denoiser if name == "transformer" else None,
         "vae": backbone.vae,
         "scheduler": backbone.scheduler,
-        "text_encoder": FixedPromptEmbedding.of(backbone.prompt_embeds),
+        "text_encoder": FixedPromptEmbedding.of(backbone.prompt_embeds, backbone.pooled_prompt_embeds),
         "tokenizer": None,
     }
 
 
 class InvSRPipeline(DiffusionPipeline):
-    """Super-resolve images with a frozen SD-Turbo and a trained noise predictor (docs/sampling.md).
+    """Super-resolve images with a frozen one-step prior and a trained noise predictor (docs/sampling.md).
 
     Args:
-        vae: SD-Turbo's ``AutoencoderKL`` (or a tiny twin's).
-        unet: SD-Turbo's ``UNet2DConditionModel``.
-        text_encoder: the CLIP text model, or a :class:`FixedPromptEmbedding` (backbones without one).
+        vae: the prior's ``AutoencoderKL`` (or a tiny twin's).
+        text_encoder: SD-Turbo's CLIP text model, or a :class:`FixedPromptEmbedding` (SDXL-Turbo, SD3.5 and
+            the tiny twins: the conditioning computed at load; with a pooled embedding for SDXL / SD3).
         tokenizer: the CLIP tokenizer; None with a :class:`FixedPromptEmbedding`.
-        scheduler: ``EulerDiscreteScheduler`` (its sigma table; the sampler steps itself).
+        scheduler: ``EulerDiscreteScheduler`` (SD-Turbo, SDXL-Turbo: its sigma table) or
+            ``FlowMatchEulerDiscreteScheduler`` (SD3.5: kept with the weights); the sampler steps itself.
         noise_predictor: :class:`~invsr_pl.models.noise_predictor.NoisePredictor`; its ``scale`` is the
-            pipeline's SR factor.
-        prompt: the text embedded for every UNet call (the paper's positive prompt); unused with a fixed
-            embedding.
-        base_model / base_revision: the backbone this pipeline was built from (informative in a complete
-            folder; loaded from there when a folder holds only the noise predictor, see
+            pipeline's SR factor, its ``latent_channels`` must be the VAE's.
+        unet: SD-Turbo's / SDXL-Turbo's ``UNet2DConditionModel`` (None for SD3.5).
+        transformer: SD3.5's ``SD3Transformer2DModel`` (None for the UNet priors).
+        prompt: the text embedded for every UNet call (SD-Turbo: the paper's positive prompt); with a fixed
+            embedding, the one it was computed from (informative, None for the tiny twins).
+        base_model / base_revision / base_family: the backbone this pipeline was built from (informative in a
+            complete folder; loaded from there when a folder holds only the noise predictor, see
             :meth:`from_pretrained`).
     """
 
-    model_cpu_offload_seq = "text_encoder->noise_predictor->vae->unet"
-    _optional_components = ["tokenizer"]
+    model_cpu_offload_seq = "text_encoder->noise_predictor->vae->unet->transformer"
+    _optional_components = ["tokenizer", "unet", "transformer"]
 
     def __init__(
         self,
         vae: AutoencoderKL,
-        unet: UNet2DConditionModel,
         text_encoder: nn.Module,
         tokenizer: Any,
-        scheduler: EulerDiscreteScheduler,
+        scheduler: Any,
         noise_predictor: NoisePredictor,
+        unet: UNet2DConditionModel | None = None,
+        transformer: SD3Transformer2DModel | None = None,
         prompt: str | None = POSITIVE_PROMPT,
         base_model: str | None = None,
         base_revision: str | None = None,
+        base_family: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(text_encoder, FixedPromptEmbedding) and tokenizer is None:
             raise ValueError("a CLIP text encoder needs its tokenizer (or pass a FixedPromptEmbedding)")
+        if (unet is None) == (transformer is None):
+            raise ValueError("an InvSR pipeline needs exactly one denoiser: a unet or a transformer")
+        if noise_predictor is not None and vae is not None:
+            check_noise_predictor(noise_predictor, int(vae.config.latent_channels), "the pipeline's VAE")
         self.register_modules(
             vae=vae,
             unet=unet,
+            transformer=transformer,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             scheduler=scheduler,
             noise_predictor=noise_predictor,
         )
-        self.register_to_config(prompt=prompt, base_model=base_model, base_revision=base_revision)
-        self._prompt_cache: tuple[tuple[Any, ...], Tensor] | None = None
+        self.register_to_config(
+            prompt=prompt, base_model=base_model, base_revision=base_revision, base_family=base_family
+        )
+        self._prompt_cache: tuple[tuple[Any, ...], tuple[Tensor, Tensor | None]] | None = None
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
     def from_backbone(
-        cls, backbone: FrozenSDTurbo, noise_predictor: NoisePredictor, base_model: str | None = None
+        cls, backbone: FrozenBackbone, noise_predictor: NoisePredictor, base_model: str | None = None
     ) -> InvSRPipeline:
-        """A pipeline over a loaded ``FrozenSDTurbo`` (shares its modules) and ``noise_predictor``; the
-        backbone's cached prompt embedding becomes the :class:`FixedPromptEmbedding` text encoder."""
+        """A pipeline over a loaded backbone (shares its modules) and ``noise_predictor``; the backbone's
+        cached prompt conditioning becomes the :class:`FixedPromptEmbedding` text encoder.
+
+        Raises:
+            ValueError: the noise predictor's latent channels are not the backbone's.
+        """
+        check_noise_predictor(noise_predictor, backbone.latent_channels, f"the {type(backbone).__name__}")
         return cls(
             **_parts(backbone), noise_predictor=noise_predictor.eval(), prompt=None, base_model=base_model
+        )
+
+    @classmethod
+    def from_backbone_name(
+        cls,
+        base: str,
+        noise_predictor: str | os.PathLike | NoisePredictor | None = None,
+        revision: str | None = None,
+        cache_dir: str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        use_ema: bool = True,
+        prompt: str = POSITIVE_PROMPT,
+        family: str | None = None,
+        recorded: dict[str, Any] | None = None,
+    ) -> InvSRPipeline:
+        """The released pieces: the backbone ``base`` (any family) and a noise predictor.
+
+        Args:
+            base: hub id or diffusers folder of SD-Turbo, SDXL-Turbo or SD3.5 Large Turbo, or one of
+                :data:`BUILTIN_BACKBONES`.
+            noise_predictor: a ``NoisePredictor``, or a path for
+                :func:`invsr_pl.models.loading.load_noise_predictor` (official ``.pth``, export folder or its
+                ``.safetensors``, ``train.py`` ``.ckpt`` with EMA weights); None: the random tiny one
+                (seed 0, the backbone's latent channels), for smoke runs on the tiny backbones.
+            revision / cache_dir / torch_dtype / family / recorded: as for :func:`load_base`; the noise
+                predictor stays float32 until ``.to(dtype)``.
+            use_ema: ``.ckpt`` only: its EMA weights.
+            prompt: text of the prompt embedding (SD-Turbo: kept with its text encoder; SDXL-Turbo, SD3.5:
+                embedded once at load; the built-in backbones have none).
+
+        Raises:
+            BackboneWeightsNotFound, FileNotFoundError, WeightFileError, RuntimeError: as the loaders;
+            ValueError: a noise predictor for other latent channels than the backbone's.
+        """
+        family = None if base in BUILTIN_BACKBONES else backbones.family_of(str(base), family)
+        parts = load_base(base, revision, cache_dir, torch_dtype, recorded, family=family, prompt=prompt)
+        if noise_predictor is None:
+            channels = int(parts["vae"].config.latent_channels)
+            model = tiny_noise_predictor(seed=0, latent_channels=channels)
+        elif isinstance(noise_predictor, NoisePredictor):
+            model = noise_predictor
+        else:
+            model = load_noise_predictor(noise_predictor, use_ema=use_ema)[0]
+        builtin = base in BUILTIN_BACKBONES
+        return cls(
+            **parts,
+            noise_predictor=model.eval(),
+            prompt=None if builtin else prompt,
+            base_model=str(base),
+            base_revision=revision,
+            base_family=backbones.family_of(str(base), family),
         )
 
     @classmethod
@@ -288,37 +404,12 @@ class InvSRPipeline(DiffusionPipeline):
         torch_dtype: torch.dtype | str | None = None,
         use_ema: bool = True,
         prompt: str = POSITIVE_PROMPT,
+        **kwargs: Any,
     ) -> InvSRPipeline:
-        """The released pieces: the backbone ``base`` and a noise predictor.
-
-        Args:
-            base: hub id or diffusers folder of SD-Turbo, or one of :data:`BUILTIN_BACKBONES`.
-            noise_predictor: a ``NoisePredictor``, or a path for
-                :func:`invsr_pl.models.loading.load_noise_predictor` (official ``.pth``, export folder or its
-                ``.safetensors``, ``train.py`` ``.ckpt`` with EMA weights); None: the random tiny one
-                (seed 0), for smoke runs on the tiny backbones.
-            revision / cache_dir / torch_dtype: as for :func:`load_base`; the noise predictor stays float32
-                until ``.to(dtype)``.
-            use_ema: ``.ckpt`` only: its EMA weights.
-            prompt: text of the prompt embedding (SD-Turbo only).
-
-        Raises:
-            BackboneWeightsNotFound, FileNotFoundError, WeightFileError, RuntimeError: as the loaders.
-        """
-        parts = load_base(base, revision, cache_dir, torch_dtype)
-        if noise_predictor is None:
-            model = tiny_noise_predictor(seed=0)
-        elif isinstance(noise_predictor, NoisePredictor):
-            model = noise_predictor
-        else:
-            model = load_noise_predictor(noise_predictor, use_ema=use_ema)[0]
-        fixed = isinstance(parts["text_encoder"], FixedPromptEmbedding)
-        return cls(
-            **parts,
-            noise_predictor=model.eval(),
-            prompt=None if fixed else prompt,
-            base_model=str(base),
-            base_revision=revision,
+        """:meth:`from_backbone_name` with SD-Turbo as the default ``base`` (the name predates the other
+        priors; any backbone name works)."""
+        return cls.from_backbone_name(
+            base, noise_predictor, revision, cache_dir, torch_dtype, use_ema, prompt, **kwargs
         )
 
     @classmethod
@@ -328,15 +419,18 @@ class InvSRPipeline(DiffusionPipeline):
         """diffusers' ``from_pretrained``; a local folder that names its backbone (``base_model`` in its
         ``model_index.json``, as ``invsr-export`` writes) without holding it gets the backbone from there.
 
-        Extra keyword arguments: ``revision``/``cache_dir`` of the backbone hub id are the folder's
-        ``base_revision`` and diffusers' ``cache_dir``; ``torch_dtype`` applies to the backbone too.
+        Folders written before SD3.5 (no ``transformer`` / ``base_family`` keys) load as before: SD-Turbo
+        family, ``unet``. Extra keyword arguments: ``revision``/``cache_dir`` of the backbone hub id are the
+        folder's ``base_revision`` and diffusers' ``cache_dir``; ``torch_dtype`` applies to the backbone too.
         """
         folder = Path(pretrained_model_name_or_path).expanduser()
         index_path = folder / "model_index.json"
         if folder.is_dir() and index_path.is_file():
             index = json.loads(index_path.read_text())
             base = index.get("base_model")
-            missing = [p for p in _BACKBONE_PARTS if p not in kwargs and not (folder / p).is_dir()]
+            # the components the folder's index names (a null entry is an absent component)
+            named = [p for p in _BACKBONE_PARTS if isinstance(index.get(p), list) and index[p][:1] != [None]]
+            missing = [p for p in named if p not in kwargs and not (folder / p).is_dir()]
             if base and any(p != "tokenizer" for p in missing):
                 parts = load_base(
                     str(base),
@@ -344,6 +438,8 @@ class InvSRPipeline(DiffusionPipeline):
                     kwargs.get("cache_dir"),
                     kwargs.get("torch_dtype"),
                     recorded=_recorded_backbone_config(folder),
+                    family=index.get("base_family"),
+                    prompt=index.get("prompt"),
                 )
                 for name in missing:
                     kwargs[name] = parts[name]
@@ -360,32 +456,51 @@ class InvSRPipeline(DiffusionPipeline):
         """SR factor (the noise predictor's)."""
         return int(self.noise_predictor.scale)
 
-    def _prompt_embeds(self, prompt: str | None, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """``(1, 77, D)`` prompt embedding in the UNet's dtype, cached per prompt / device / dtype."""
-        if isinstance(self.text_encoder, FixedPromptEmbedding):
+    @property
+    def denoiser(self) -> nn.Module:
+        """The frozen denoiser: the ``transformer`` (SD3.5) or the ``unet``."""
+        return self.transformer if self.transformer is not None else self.unet
+
+    def _conditioning(
+        self, prompt: str | None, device: torch.device, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor | None]:
+        """``((1, L, D) prompt embedding, (1, P) pooled embedding or None)`` in the denoiser's dtype, cached
+        per prompt / device / dtype."""
+        fixed = isinstance(self.text_encoder, FixedPromptEmbedding)
+        if fixed:
             if prompt is not None:
                 raise ValueError(
-                    "this pipeline's backbone has a fixed prompt embedding: prompt cannot be set"
+                    "this pipeline's backbone has a fixed prompt embedding (computed once at load): prompt "
+                    "cannot be set at call time"
                 )
             key: tuple[Any, ...] = ("fixed", id(self.text_encoder), device, dtype)
         else:
             prompt = prompt if prompt is not None else (self.config.prompt or POSITIVE_PROMPT)
             key = (prompt, id(self.text_encoder), device, dtype)
         if self._prompt_cache is None or self._prompt_cache[0] != key:
-            if isinstance(self.text_encoder, FixedPromptEmbedding):
-                embeds = self.text_encoder()
+            if fixed:
+                embeds, pooled = self.text_encoder(), self.text_encoder.pooled_embeds
             else:
-                embeds = embed_prompt(self.tokenizer, self.text_encoder, prompt)
-            self._prompt_cache = (key, embeds.to(device=device, dtype=dtype))
+                embeds, pooled = embed_prompt(self.tokenizer, self.text_encoder, prompt), None
+            pooled = None if pooled is None else pooled.to(device=device, dtype=dtype)
+            self._prompt_cache = (key, (embeds.to(device=device, dtype=dtype), pooled))
         return self._prompt_cache[1]
 
-    def backbone(self, prompt: str | None = None) -> FrozenSDTurbo:
-        """The components as the ``FrozenSDTurbo`` the sampler runs on (shares the UNet and VAE)."""
+    def backbone(self, prompt: str | None = None) -> FrozenBackbone:
+        """The components as the backbone the sampler runs on
+        (:func:`invsr_pl.models.backbones.from_components`; shares the denoiser and VAE); its ``device`` is
+        the pipeline's execution device, so the sampler's tensors go where the networks run also while CPU
+        offload hooks move the weights. SDXL's time ids are those of the UNet's native size."""
         device = self._execution_device
-        dtype = self.unet.dtype
-        embeds = self._prompt_embeds(prompt, device, dtype)
-        return _PipelineBackbone(
-            self.unet, self.vae, self.scheduler, embeds, dtype=None, execution_device=device
+        embeds, pooled = self._conditioning(prompt, device, self.denoiser.dtype)
+        return backbones.from_components(
+            self.vae,
+            self.scheduler,
+            embeds,
+            pooled,
+            unet=self.unet,
+            transformer=self.transformer,
+            execution_device=device,
         )
 
     # ------------------------------------------------------------------ call
