@@ -47,17 +47,20 @@ TINY_DISCRIMINATOR: dict[str, Any] = {
 }
 
 
-def tiny_noise_predictor(scale: int = 4, seed: int | None = None, **overrides: Any) -> NoisePredictor:
+def tiny_noise_predictor(
+    scale: int = 4, seed: int | None = None, latent_channels: int = 4, **overrides: Any
+) -> NoisePredictor:
     """The tiny ``NoisePredictor`` (:data:`TINY_NOISE_PREDICTOR`) for SR factor ``scale``.
 
     Args:
         scale: SR factor; the number of 32-wide blocks follows it (x4: 2, x2: 3, x8: 1) unless
             ``block_out_channels`` is overridden.
         seed: seeds the weights (the global RNG is left untouched); ``None`` draws from the global RNG.
+        latent_channels: latent channels of the backbone (4; 16 for SD3.5): the output has twice that.
         **overrides: any other ``NoisePredictor`` kwarg; ``down_block_types`` defaults to one
             ``"DownBlock2D"`` (no attention) per block.
     """
-    kwargs = {**TINY_NOISE_PREDICTOR, "scale": scale, **overrides}
+    kwargs = {**TINY_NOISE_PREDICTOR, "scale": scale, "latent_channels": latent_channels, **overrides}
     if "block_out_channels" not in overrides:
         stages = down_stages(scale, kwargs.get("vae_scale_factor", 8))
         kwargs["block_out_channels"] = (TINY_NOISE_PREDICTOR["block_out_channels"][0],) * (stages + 1)

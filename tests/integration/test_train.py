@@ -15,6 +15,7 @@ import pytest
 import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig
+from tree_compare import assert_same_tree, load_checkpoint
 
 from callbacks.ema import EMA_CHECKPOINT_KEY, NoisePredictorEMA
 from train import _log_outputs, train
@@ -22,16 +23,12 @@ from train import _log_outputs, train
 MakeCfg = Callable[..., DictConfig]
 
 
-def _load(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def _assert_run_outputs(run_dir: Path) -> dict[str, Any]:
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_file(), f"no checkpoint in {run_dir}"
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard event file"
     assert list((run_dir / "images" / "val").glob("iter_*.png")), "no validation grid labelled in iterations"
-    ckpt = _load(last)
+    ckpt = load_checkpoint(last)
     assert EMA_CHECKPOINT_KEY in ckpt
     assert not any(k.startswith("backbone.") for k in ckpt["state_dict"]), "frozen SD-Turbo in the checkpoint"
     return ckpt
@@ -136,24 +133,6 @@ def _csv_losses(run_dir: Path) -> dict[int, float]:
     return losses
 
 
-def _assert_same_tree(a: Any, b: Any, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor), where
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{where}: {m}")
-    elif isinstance(a, dict):
-        assert set(a) == set(b), f"{where}: keys differ"
-        for k in a:
-            _assert_same_tree(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same_tree(x, y, f"{where}[{i}]")
-    elif isinstance(a, float):
-        assert a == pytest.approx(b, rel=1e-6), where
-    else:
-        assert a == b, where
-
-
 @pytest.mark.slow
 def test_resume_matches_uninterrupted_run(train_cfg: MakeCfg, tmp_path: Path) -> None:
     """4 iterations == 2 + resume from last.ckpt (``ckpt_path=last``) + 2 more, to float tolerance."""
@@ -165,28 +144,28 @@ def test_resume_matches_uninterrupted_run(train_cfg: MakeCfg, tmp_path: Path) ->
         "callbacks.image_logger=null",
     ]
     train(train_cfg(*common, "model.max_iterations=4", subdir="full"))
-    full = _load(tmp_path / "full" / "run" / "checkpoints" / "last.ckpt")
+    full = load_checkpoint(tmp_path / "full" / "run" / "checkpoints" / "last.ckpt")
 
     logs = tmp_path / "split" / "logs"
     first = [*common, f"paths.log_dir={logs}", f"paths.output_dir={logs}/smoke/runs/first"]
     train(train_cfg(*first, "model.max_iterations=2", subdir="split"))
-    assert _load(logs / "smoke/runs/first/checkpoints/last.ckpt")["invsr_iteration"] == 2
+    assert load_checkpoint(logs / "smoke/runs/first/checkpoints/last.ckpt")["invsr_iteration"] == 2
     second = [*common, f"paths.log_dir={logs}", f"paths.output_dir={logs}/smoke/runs/second"]
     second.append("ckpt_path=last")
     _, objects = train(train_cfg(*second, "model.max_iterations=4", subdir="split"))
     assert objects["ckpt_path"].endswith("first/checkpoints/last.ckpt")
-    resumed = _load(logs / "smoke/runs/second/checkpoints/last.ckpt")
+    resumed = load_checkpoint(logs / "smoke/runs/second/checkpoints/last.ckpt")
 
     assert resumed["global_step"] == full["global_step"]
     assert resumed["invsr_iteration"] == full["invsr_iteration"] == 4
     for key in ("state_dict", EMA_CHECKPOINT_KEY, "optimizer_states", "lr_schedulers"):
-        _assert_same_tree(full[key], resumed[key], key)
+        assert_same_tree(full[key], resumed[key], key)
     ema_state = [v for k, v in full["callbacks"].items() if "NoisePredictorEMA" in k]
     assert ema_state and ema_state[0]["num_updates"] == 4
     for key, state in full["callbacks"].items():  # checkpoint paths differ by run folder; all else must match
         if not key.startswith("ModelCheckpoint"):
-            _assert_same_tree(state, resumed["callbacks"][key], key)
-    _assert_same_tree(full["loops"], resumed["loops"], "loops")
+            assert_same_tree(state, resumed["callbacks"][key], key)
+    assert_same_tree(full["loops"], resumed["loops"], "loops")
 
     full_losses = _csv_losses(tmp_path / "full" / "run")
     split_losses = {**_csv_losses(logs / "smoke/runs/first"), **_csv_losses(logs / "smoke/runs/second")}
@@ -209,7 +188,7 @@ def test_ddp_sim_ranks_stay_identical(train_cfg: MakeCfg, tmp_path: Path) -> Non
         f"+callbacks.dump.folder={dump}",
     )
     train(cfg)
-    r0, r1 = _load(dump / "rank0.pt"), _load(dump / "rank1.pt")
+    r0, r1 = load_checkpoint(dump / "rank0.pt"), load_checkpoint(dump / "rank1.pt")
     assert r0["iteration"] == r1["iteration"] == 3
     for part in ("np", "d", "ema"):
         for k, v in r0[part].items():
