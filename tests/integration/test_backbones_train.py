@@ -92,3 +92,14 @@ def test_experiment_configs_follow_their_backbone(compose_cfg) -> None:
         assert model.discriminator.cross_attention_dim == width
         assert model.micro_batch_size == micro and model.lpips_weight == 2.0 and model.gan_weight == 0.1
         assert list(model.train_timesteps) == [250, 200, 150, 100]
+
+
+@pytest.mark.slow
+def test_latent_lpips_recipe_trains_on_the_sd35_vae(train_cfg: MakeCfg) -> None:
+    """The recipe users run first for a new prior (docs/backbones.md): its LPIPS gets 16 input channels."""
+    cfg = train_cfg(
+        "experiment=latent_lpips_quickstart", "model/backbone=tiny_sd35_turbo", "trainer.max_epochs=1"
+    )
+    metrics, objects = train(cfg)
+    assert objects["model"].lpips.in_channels == 16
+    assert 0.0 <= float(metrics["val/2afc"]) <= 1.0
