@@ -208,7 +208,17 @@ def _write_sdxl_folder(folder: Path) -> FrozenSDXLTurbo:
     _clip_tokenizer(folder, "tokenizer_2")
     _clip_encoder(folder, "text_encoder", vocab, 12, None, seed=1)
     _clip_encoder(folder, "text_encoder_2", vocab, 20, 32, seed=2)
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index))
     return source
 
 
@@ -265,7 +275,19 @@ def _write_sd35_folder(folder: Path, with_t5: bool) -> FrozenSD35Turbo:
         torch.manual_seed(3)
         config = T5Config(vocab_size=len(words), d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
         T5EncoderModel(config).save_pretrained(folder / "text_encoder_3")
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    index = {
+        "_class_name": "StableDiffusion3Pipeline",
+        "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "text_encoder_3": ["transformers", "T5EncoderModel"] if with_t5 else [None, None],
+        "tokenizer_3": ["transformers", "T5TokenizerFast"] if with_t5 else [None, None],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index))
     return source
 
 
@@ -288,6 +310,27 @@ def test_sd35_from_folder(tmp_path: Path, with_t5: bool) -> None:
             BackboneWeightsNotFound, match="text_encoder_3/ \\+ tokenizer_3/ \\(T5\\); or set use_t5"
         ):
             FrozenSD35Turbo.from_pretrained(str(folder), dtype="fp32", use_t5=True)
+
+
+def test_conditioning_equals_diffusers_pipelines(tmp_path: Path) -> None:
+    """The cached conditioning is what diffusers' own SDXL / SD3 pipelines compute for the prompt (no CFG)."""
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionXLPipeline
+
+    _write_sdxl_folder(tmp_path / "sdxl")
+    ours = FrozenSDXLTurbo.from_pretrained(str(tmp_path / "sdxl"), dtype="fp32", prompt="a cat")
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "sdxl"))
+    embeds, _, pooled, _ = pipe.encode_prompt("a cat", do_classifier_free_guidance=False)
+    torch.testing.assert_close(ours.prompt_embeds, embeds, atol=0, rtol=0)
+    torch.testing.assert_close(ours.pooled_prompt_embeds, pooled, atol=0, rtol=0)
+    ids = pipe._get_add_time_ids((64, 64), (0, 0), (64, 64), torch.float32, text_encoder_projection_dim=32)
+    torch.testing.assert_close(ours.add_time_ids, ids)  # the tiny UNet's native size: 8 latents x 8
+
+    _write_sd35_folder(tmp_path / "sd35", with_t5=True)
+    ours = FrozenSD35Turbo.from_pretrained(str(tmp_path / "sd35"), dtype="fp32", prompt="a cat")
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tmp_path / "sd35"))
+    embeds, _, pooled, _ = pipe.encode_prompt("a cat", None, None, do_classifier_free_guidance=False)
+    torch.testing.assert_close(ours.prompt_embeds, embeds, atol=1e-4, rtol=0)  # T5 reloaded: float noise
+    torch.testing.assert_close(ours.pooled_prompt_embeds, pooled, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize(
