@@ -25,9 +25,8 @@ from torch import Tensor
 
 from invsr_pl.models.backbone import FrozenBackbone, resolve_dtype, seeded
 from invsr_pl.models.sd_turbo import POSITIVE_PROMPT
-from invsr_pl.models.sdxl_turbo import fp16_variant
 from invsr_pl.models.timesteps import batch_index, flow_sigmas
-from invsr_pl.models.weights_folder import WeightsSpec, not_found, resolve_folder
+from invsr_pl.models.weights_folder import WeightsSpec, load_part, not_found, resolve_folder
 
 __all__ = [
     "DEFAULT_MODEL_ID",
@@ -133,12 +132,7 @@ def encode_sd3_prompt(
     hidden, pooled = [], []
     for sub in ("", "_2"):
         tokenizer = CLIPTokenizer.from_pretrained(str(folder), subfolder=f"tokenizer{sub}")
-        encoder = CLIPTextModelWithProjection.from_pretrained(
-            str(folder),
-            subfolder=f"text_encoder{sub}",
-            dtype=enc_dtype,
-            variant=fp16_variant(folder, f"text_encoder{sub}", dtype),
-        )
+        encoder = load_part(CLIPTextModelWithProjection, folder, f"text_encoder{sub}", dtype, dtype=enc_dtype)
         encoder.to(device).eval()
         ids = tokenizer(
             prompt, padding="max_length", max_length=_CLIP_TOKENS, truncation=True, return_tensors="pt"
@@ -153,12 +147,7 @@ def encode_sd3_prompt(
         from transformers import T5EncoderModel, T5TokenizerFast
 
         tokenizer = T5TokenizerFast.from_pretrained(str(folder), subfolder="tokenizer_3")
-        encoder = T5EncoderModel.from_pretrained(
-            str(folder),
-            subfolder="text_encoder_3",
-            dtype=enc_dtype,
-            variant=fp16_variant(folder, "text_encoder_3", dtype),
-        )
+        encoder = load_part(T5EncoderModel, folder, "text_encoder_3", dtype, dtype=enc_dtype)
         encoder.to(device).eval()
         ids = tokenizer(
             prompt, padding="max_length", max_length=t5_tokens, truncation=True, return_tensors="pt"
@@ -257,18 +246,10 @@ class FrozenSD35Turbo(FrozenBackbone):
                 f"{folder} has no text_encoder_3/ + tokenizer_3/ (T5); or set use_t5=false",
             )
         try:
-            transformer = SD3Transformer2DModel.from_pretrained(
-                str(folder),
-                subfolder="transformer",
-                torch_dtype=weight_dtype,
-                variant=fp16_variant(folder, "transformer", weight_dtype),
+            transformer = load_part(
+                SD3Transformer2DModel, folder, "transformer", weight_dtype, torch_dtype=weight_dtype
             )
-            vae = AutoencoderKL.from_pretrained(
-                str(folder),
-                subfolder="vae",
-                torch_dtype=weight_dtype,
-                variant=fp16_variant(folder, "vae", weight_dtype),
-            )
+            vae = load_part(AutoencoderKL, folder, "vae", weight_dtype, torch_dtype=weight_dtype)
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(str(folder), subfolder="scheduler")
             prompt_embeds, pooled = encode_sd3_prompt(
                 folder, prompt, weight_dtype, target, transformer.config.joint_attention_dim, use_t5

@@ -20,7 +20,13 @@ from torch import Tensor
 from invsr_pl.models.backbone import resolve_dtype, seeded
 from invsr_pl.models.sd_turbo import POSITIVE_PROMPT, FrozenSDTurbo
 from invsr_pl.models.timesteps import SD_TURBO_SCHEDULER_CONFIG, build_scheduler
-from invsr_pl.models.weights_folder import BackboneWeightsNotFound, WeightsSpec, not_found, resolve_folder
+from invsr_pl.models.weights_folder import (
+    BackboneWeightsNotFound,
+    WeightsSpec,
+    load_part,
+    not_found,
+    resolve_folder,
+)
 
 __all__ = [
     "DEFAULT_MODEL_ID",
@@ -29,7 +35,6 @@ __all__ = [
     "FrozenSDXLTurbo",
     "BackboneWeightsNotFound",
     "encode_sdxl_prompt",
-    "fp16_variant",
     "size_time_ids",
 ]
 
@@ -97,15 +102,6 @@ _PROMPT_TOKENS = 77
 _TIME_IDS = 6
 
 
-def fp16_variant(folder: str | Path, subfolder: str, dtype: torch.dtype) -> str | None:
-    """``"fp16"`` when ``folder/subfolder`` holds diffusers' fp16 variant and it is the file to load (fp16
-    weights, or the only copy there, e.g. what this project's hub download fetches), else None."""
-    files = {p.name for p in Path(folder, subfolder).glob("*.safetensors")}
-    has_fp16 = any(".fp16." in name for name in files)
-    has_plain = any(".fp16." not in name for name in files)
-    return "fp16" if has_fp16 and (dtype == torch.float16 or not has_plain) else None
-
-
 def size_time_ids(size: int) -> Tensor:
     """``(1, 6)`` SDXL micro-conditioning of a square ``size`` px image: original size, crop (0,0), target."""
     return torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32)
@@ -130,12 +126,7 @@ def encode_sdxl_prompt(
     hidden, pooled = [], None
     for sub, model_cls in (("", CLIPTextModel), ("_2", CLIPTextModelWithProjection)):
         tokenizer = CLIPTokenizer.from_pretrained(str(folder), subfolder=f"tokenizer{sub}")
-        encoder = model_cls.from_pretrained(
-            str(folder),
-            subfolder=f"text_encoder{sub}",
-            dtype=enc_dtype,
-            variant=fp16_variant(folder, f"text_encoder{sub}", dtype),
-        )
+        encoder = load_part(model_cls, folder, f"text_encoder{sub}", dtype, dtype=enc_dtype)
         encoder.to(device).eval()
         ids = tokenizer(
             prompt,
@@ -238,18 +229,8 @@ class FrozenSDXLTurbo(FrozenSDTurbo):
         weight_dtype = resolve_dtype(dtype, device)
         folder = str(resolve_folder(WEIGHTS, str(model), revision, cache_dir))
         try:
-            unet = UNet2DConditionModel.from_pretrained(
-                folder,
-                subfolder="unet",
-                torch_dtype=weight_dtype,
-                variant=fp16_variant(folder, "unet", weight_dtype),
-            )
-            vae = AutoencoderKL.from_pretrained(
-                folder,
-                subfolder="vae",
-                torch_dtype=weight_dtype,
-                variant=fp16_variant(folder, "vae", weight_dtype),
-            )
+            unet = load_part(UNet2DConditionModel, folder, "unet", weight_dtype, torch_dtype=weight_dtype)
+            vae = load_part(AutoencoderKL, folder, "vae", weight_dtype, torch_dtype=weight_dtype)
             scheduler = EulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler")
             prompt_embeds, pooled = encode_sdxl_prompt(Path(folder), prompt, weight_dtype, target)
         except OSError as err:  # diffusers/transformers report missing files as OSError

@@ -9,10 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from invsr_pl.utils.offline import hub_offline
 
-__all__ = ["BackboneWeightsNotFound", "WeightsSpec", "not_found", "resolve_folder"]
+__all__ = [
+    "BackboneWeightsNotFound",
+    "WeightsSpec",
+    "fp16_variant",
+    "load_part",
+    "not_found",
+    "resolve_folder",
+]
 
 
 class BackboneWeightsNotFound(FileNotFoundError):
@@ -92,3 +102,22 @@ def resolve_folder(spec: WeightsSpec, model: str, revision: str | None, cache_di
         raise not_found(
             spec, model, f"download from the Hugging Face hub failed ({type(err).__name__}: {err})"
         ) from err
+
+
+def fp16_variant(folder: str | Path, subfolder: str, dtype: torch.dtype) -> str | None:
+    """``"fp16"`` when ``folder/subfolder`` holds diffusers' fp16 variant and it is the file to load (fp16
+    weights, or the only copy there, e.g. what the hub patterns of a ``WeightsSpec`` fetch), else None."""
+    files = {p.name for p in Path(folder, subfolder).glob("*.safetensors")}
+    has_fp16 = any(".fp16." in name for name in files)
+    has_plain = any(".fp16." not in name for name in files)
+    return "fp16" if has_fp16 and (dtype == torch.float16 or not has_plain) else None
+
+
+def load_part(
+    model_cls: Any, folder: str | Path, subfolder: str, weights_dtype: torch.dtype, **kwargs: Any
+) -> Any:
+    """``model_cls.from_pretrained`` of one component of a prior's folder, choosing the fp16 variant by
+    :func:`fp16_variant` for ``weights_dtype`` (the run's weight dtype); ``kwargs`` carry the library's
+    dtype argument (diffusers ``torch_dtype``, transformers ``dtype``). Missing files raise ``OSError``."""
+    variant = fp16_variant(folder, subfolder, weights_dtype)
+    return model_cls.from_pretrained(str(folder), subfolder=subfolder, variant=variant, **kwargs)

@@ -359,3 +359,18 @@ def test_family_of_names_and_ids() -> None:
     assert family_of("stabilityai/sdxl-turbo") == "sdxl_turbo"
     assert family_of("stabilityai/stable-diffusion-3.5-large-turbo") == "sd35_turbo"
     assert family_of("tiny_sd35_turbo") == "sd35_turbo" and family_of("tiny_trained") == "sd_turbo"
+
+
+def test_fp16_variant_is_loaded_when_it_is_the_only_copy(tmp_path: Path) -> None:
+    """What the hub patterns fetch for SDXL-Turbo: only ``*.fp16.safetensors``; fp32 loads cast from it."""
+    from invsr_pl.models.weights_folder import fp16_variant
+
+    folder = tmp_path / "sdxl-turbo"
+    source = _write_sdxl_folder(folder)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    source.unet.half().save_pretrained(folder / "unet", variant="fp16")
+    assert fp16_variant(folder, "unet", torch.float32) == "fp16"
+    assert fp16_variant(folder, "vae", torch.float16) is None  # no fp16 file there
+    backbone = FrozenSDXLTurbo.from_pretrained(str(folder), dtype="fp32", prompt="a cat")
+    assert backbone.dtype == torch.float32
+    torch.testing.assert_close(backbone.unet.conv_in.weight, source.unet.conv_in.weight.float())
