@@ -11,7 +11,8 @@ The released ``.pth`` files carry nothing.
 Format 1 (plain JSON-able values)::
 
     {"format": 1,
-     "backbone": {"name": "tiny_trained" | "tiny" | "<hub id>" | "<folder>" | "sd_turbo_random",
+     "backbone": {"name": "tiny_trained" | "tiny" | "tiny_sdxl_turbo" | "tiny_sd35_turbo" | "sd_turbo_random"
+                          | "<hub id>" | "<folder>",
                   "choice": "<Hydra model/backbone option>" | None,
                   "config": {...the full resolved model.backbone config...},
                   "revision": str | None},
