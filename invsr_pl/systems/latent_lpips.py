@@ -110,8 +110,8 @@ class LatentLPIPSLitModule(L.LightningModule):
     Arguments = keys of ``conf/model/latent_lpips.yaml``.
 
     Args:
-        backbone: the frozen model whose VAE encodes the patches: a ``FrozenSDTurbo`` (SD-Turbo, or the tiny
-            twins) or a diffusers ``AutoencoderKL``. Latents are scaled as in InvSR training:
+        backbone: the frozen model whose VAE encodes the patches: a ``FrozenBackbone`` (SD-Turbo, SDXL-Turbo,
+            SD3.5, the tiny twins) or a diffusers ``AutoencoderKL``. Latents are scaled as in InvSR training:
             ``(z - shift_factor) * scaling_factor`` (no shift for SD-Turbo, 0.18215 scaling).
         lpips: a ``LatentLPIPS``, or a factory (``functools.partial`` / Hydra ``_partial_``) called with
             ``in_channels`` = the VAE's latent channels.
@@ -317,19 +317,19 @@ class LatentLPIPSLitModule(L.LightningModule):
 
 
 def _vae_geometry(backbone: nn.Module) -> tuple[int, int]:
-    """(latent channels, spatial factor) of a FrozenSDTurbo-like backbone or a diffusers AutoencoderKL."""
+    """(latent channels, spatial factor) of a FrozenBackbone or a diffusers AutoencoderKL."""
     if isinstance(backbone, AutoencoderKL):
         return int(backbone.config.latent_channels), 2 ** (len(backbone.config.block_out_channels) - 1)
     if hasattr(backbone, "latent_channels") and hasattr(backbone, "vae_scale_factor"):
         return int(backbone.latent_channels), int(backbone.vae_scale_factor)
     raise TypeError(
-        f"backbone must be a FrozenSDTurbo or a diffusers AutoencoderKL, got {type(backbone).__name__}"
+        f"backbone must be a FrozenBackbone or a diffusers AutoencoderKL, got {type(backbone).__name__}"
     )
 
 
 def _encode(backbone: nn.Module, images: Tensor, sample: bool, generator: torch.Generator | None) -> Tensor:
     if not isinstance(backbone, AutoencoderKL):
-        return backbone.encode(images, generator=generator, sample=sample)  # FrozenSDTurbo: one encode path
+        return backbone.encode(images, generator=generator, sample=sample)  # FrozenBackbone: one encode path
     # A bare AutoencoderKL: diffusers pipelines scale its latents as (z - shift_factor) * scaling_factor.
     weight = next(backbone.parameters())
     posterior = backbone.encode(images.to(weight.device, weight.dtype) * 2.0 - 1.0).latent_dist

@@ -83,7 +83,7 @@ def prepare_for_inference(
     """Apply the inference speed options in place (networks frozen in eval mode; weights unchanged in value).
 
     Args:
-        backbone: ``FrozenSDTurbo`` in its weight dtype (fp16 on GPUs by default).
+        backbone: a ``FrozenBackbone`` in its weight dtype (fp16 on GPUs by default).
         noise_predictor: ``NoisePredictor`` (fp32 weights) or ``None``.
         half_noise_predictor: cast the noise predictor to the backbone's dtype when that is fp16/bf16, so it
             runs in half precision without autocast's per-call weight casts; its output stays within the
