@@ -4,7 +4,9 @@ What is dropped (each a log record matched by logger and text; everything else o
 warnings that matter, such as missing weights, random weights or fallbacks, come from our own code):
 
 - bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" (logged while diffusers or
-  pyiqa import it, on CPUs with AVX512-BF16; we never quantise to 4 bit);
+  pyiqa import it, on CPUs with AVX512-BF16; we never quantise to 4 bit), and the ``kernels`` library's
+  "Skipping publisher trust check for 'kernels-community/...'" that the same lookup logs offline (kernels
+  0.19);
 - Lightning's "💡 Tip: ... litlogger / litmodels" advertisements, and its note that it skips its default
   model summary (conf/callbacks/model_summary.yaml configures one);
 - the Python warnings of :data:`_WARNINGS`, each with its reason there; among them two about the
@@ -53,6 +55,7 @@ _WARNINGS = (
 # logger name -> substrings of the messages dropped from it
 _DROPPED: dict[str, tuple[str, ...]] = {
     "bitsandbytes.backends.cpu.ops": ("kernels-community",),
+    "kernels._internals.hf_hub": ("Skipping publisher trust check for 'kernels-community/",),
     # rank_zero_info logs on whichever of these lightning set last (lightning_utilities' module logger)
     "lightning.pytorch.utilities.rank_zero": ("💡 Tip", _DEFAULT_SUMMARY),
     "lightning.fabric.utilities.rank_zero": ("💡 Tip", _DEFAULT_SUMMARY),

@@ -28,8 +28,15 @@ def _options(group: str) -> list[str]:
 
 # experiments of other systems (the latent LPIPS trainer) have their own tests; these test InvSR training
 EXPERIMENTS = [e for e in _options("experiment") if not e.startswith("latent_lpips")]
-# the paper-sized experiments build SD-Turbo (a download) and read data from disk: compose-only here
-PAPER_EXPERIMENTS = {"invsr_x4", "invsr_x2", "invsr_x8", "finetune_x4"}
+# the paper-sized experiments build a real prior (a download) and read data from disk: compose-only here
+PAPER_EXPERIMENTS = {
+    "invsr_x4",
+    "invsr_x2",
+    "invsr_x8",
+    "finetune_x4",
+    "invsr_sdxl_turbo_x4",
+    "invsr_sd35_turbo_x4",
+}
 TINY_EXPERIMENTS = [e for e in EXPERIMENTS if e not in PAPER_EXPERIMENTS]
 
 
