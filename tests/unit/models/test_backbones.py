@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_text_encoders import clip_encoder, clip_tokenizer
 from torch import Tensor, nn
 
 from invsr_pl.models.backbone import FrozenBackbone
@@ -162,52 +163,16 @@ def test_check_geometry_refuses_another_prior(twin: tuple[str, FrozenBackbone]) 
 # ---------------------------------------------------------------- loaders on tiny diffusers folders
 
 
-def _clip_tokenizer(folder: Path, sub: str) -> int:
-    """An offline CLIP tokenizer (letters only) saved under ``folder/sub``; returns its vocabulary size."""
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in "abcdefghijklmnopqrstuvwxyz":
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77
-    ).save_pretrained(folder / sub)
-    return len(vocab)
-
-
-def _clip_encoder(folder: Path, sub: str, vocab: int, hidden: int, projection: int | None, seed: int) -> None:
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    config = CLIPTextConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        projection_dim=projection or hidden,
-    )
-    torch.manual_seed(seed)
-    model = CLIPTextModel(config) if projection is None else CLIPTextModelWithProjection(config)
-    model.save_pretrained(folder / sub)
-
-
 def _write_sdxl_folder(folder: Path) -> FrozenSDXLTurbo:
     """UNet/VAE of the tiny twin plus two CLIP encoders (widths 12 + 20 = 32, pooled 32) and tokenizers."""
     source = build_tiny_sdxl_turbo(seed=0)
     source.unet.save_pretrained(folder / "unet")
     source.vae.save_pretrained(folder / "vae")
     source.scheduler.save_pretrained(folder / "scheduler")
-    vocab = _clip_tokenizer(folder, "tokenizer")
-    _clip_tokenizer(folder, "tokenizer_2")
-    _clip_encoder(folder, "text_encoder", vocab, 12, None, seed=1)
-    _clip_encoder(folder, "text_encoder_2", vocab, 20, 32, seed=2)
+    vocab = clip_tokenizer(folder, "tokenizer")
+    clip_tokenizer(folder, "tokenizer_2")
+    clip_encoder(folder, "text_encoder", vocab, 12, None, seed=1)
+    clip_encoder(folder, "text_encoder_2", vocab, 20, 32, seed=2)
     index = {
         "_class_name": "StableDiffusionXLPipeline",
         "unet": ["diffusers", "UNet2DConditionModel"],
@@ -255,10 +220,10 @@ def _write_sd35_folder(folder: Path, with_t5: bool) -> FrozenSD35Turbo:
     source.transformer.save_pretrained(folder / "transformer")
     source.vae.save_pretrained(folder / "vae")
     source.scheduler.save_pretrained(folder / "scheduler")
-    vocab = _clip_tokenizer(folder, "tokenizer")
-    _clip_tokenizer(folder, "tokenizer_2")
-    _clip_encoder(folder, "text_encoder", vocab, 12, 8, seed=1)
-    _clip_encoder(folder, "text_encoder_2", vocab, 12, 8, seed=2)
+    vocab = clip_tokenizer(folder, "tokenizer")
+    clip_tokenizer(folder, "tokenizer_2")
+    clip_encoder(folder, "text_encoder", vocab, 12, 8, seed=1)
+    clip_encoder(folder, "text_encoder_2", vocab, 12, 8, seed=2)
     if with_t5:
         from transformers import T5Config, T5EncoderModel, T5TokenizerFast
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_text_encoders import clip_encoder, clip_tokenizer
 
 from invsr_pl.models import timesteps as ts
 from invsr_pl.models.sd_turbo import (
@@ -211,34 +211,12 @@ def test_missing_folder_errors(tmp_path: Path) -> None:
 
 def _write_tiny_folder(folder: Path) -> None:
     """A complete diffusers-layout folder with tiny random components (like a local sd-turbo copy)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
     source = build_tiny_sd_turbo(seed=0)
     source.unet.save_pretrained(folder / "unet")
     source.vae.save_pretrained(folder / "vae")
     source.scheduler.save_pretrained(folder / "scheduler")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in "abcdefghijklmnopqrstuvwxyz":
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(
-        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77
-    ).save_pretrained(folder / "tokenizer")
-    config = CLIPTextConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    torch.manual_seed(0)
-    CLIPTextModel(config).save_pretrained(folder / "text_encoder")
+    vocab = clip_tokenizer(folder, "tokenizer")
+    clip_encoder(folder, "text_encoder", vocab, 32, None, seed=0, intermediate=37, layers=1, heads=4)
 
 
 def test_from_local_folder(tmp_path: Path) -> None:
